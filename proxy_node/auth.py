@@ -1,0 +1,85 @@
+"""Method negotiation and RFC 1929 username/password checks.
+
+Password hashes are slow on purpose, so a verified password is remembered as an HMAC under a
+per-process random key, keyed by the stored hash: a changed password or a new policy never
+matches a stale entry, and nothing reversible is kept. No IP-based caching: every connection
+presents its credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+from typing import Protocol
+
+from proxy_node.policy import Policy, UserEntry
+from proxy_node.wire import AuthMethod
+from socks5_analytics.passwords import hash_password, verify_password
+
+__all__ = ["Authenticator", "PolicyAuthenticator", "choose_method"]
+
+
+def choose_method(offered: Iterable[int], *, requires_auth: bool) -> AuthMethod:
+    """The method the server selects from those the client offered."""
+    wanted = (
+        AuthMethod.USERNAME_PASSWORD if requires_auth else AuthMethod.NO_AUTHENTICATION_REQUIRED
+    )
+    return wanted if wanted in offered else AuthMethod.NO_ACCEPTABLE_METHODS
+
+
+class Authenticator(Protocol):
+    """Decides whether credentials are good."""
+
+    @property
+    def requires_auth(self) -> bool:
+        """Whether clients must authenticate with username/password."""
+
+    async def verify(self, username: bytes, password: bytes) -> bool:
+        """True when the user exists, is enabled and the password matches."""
+
+
+class PolicyAuthenticator:
+    """Checks credentials against the users of the current policy."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._secret = os.urandom(32)
+        self._verified: dict[str, bytes] = {}
+        # Unknown users still cost one hash check, so timing does not reveal who exists.
+        self._decoy = hash_password(os.urandom(16).hex())
+        self._users: dict[bytes, UserEntry] = {}
+        self.update(policy)
+
+    @property
+    def requires_auth(self) -> bool:
+        """Users listed in the policy: authentication required."""
+        return self._requires
+
+    def update(self, policy: Policy) -> None:
+        """Switch to a new policy's users; forget verifications of hashes that went away."""
+        self._users = {user.username.encode(): user for user in policy.users}
+        self._requires = policy.requires_auth
+        live = {user.password_hash for user in policy.users}
+        self._verified = {h: tag for h, tag in self._verified.items() if h in live}
+
+    def user(self, username: str) -> UserEntry | None:
+        """The policy entry of a user, if any."""
+        return self._users.get(username.encode())
+
+    async def verify(self, username: bytes, password: bytes) -> bool:
+        """Constant-time check; the slow hash runs in a worker thread, once per password."""
+        user = self._users.get(username)
+        stored = user.password_hash if user is not None else self._decoy
+        tag = hmac.new(self._secret, password, hashlib.sha256).digest()
+        remembered = self._verified.get(stored)
+        if remembered is not None and hmac.compare_digest(remembered, tag):
+            return user is not None and not user.disabled
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, verify_password, password, stored)
+        current = self._users.get(username)  # the policy may have changed while we hashed
+        if not ok or current is None or current.password_hash != stored:
+            return False
+        self._verified[stored] = tag
+        return not current.disabled

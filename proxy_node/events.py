@@ -1,0 +1,144 @@
+"""The connection event: one per proxied TCP connection or UDP association (DESIGN.md).
+
+A `ConnectionRecord` is filled in while a session runs (cheap attribute writes on the hot
+path); `finish()` turns it into the immutable event handed to the sink.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+__all__ = ["CLOSE_REASONS", "STATUSES", "ConnectionEvent", "ConnectionRecord", "uuid7"]
+
+STATUSES = frozenset(
+    {"ok", "auth_failed", "denied_whitelist", "denied_destination", "rate_limited",
+     "dns_failed", "refused", "unreachable", "timeout", "error"}
+)
+CLOSE_REASONS = frozenset(
+    {"client", "destination", "idle_timeout", "shutdown", "revoked", "error"}
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def uuid7(unix_ms: int | None = None) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit millisecond timestamp, then random bits."""
+    ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76 | ((rand >> 64) & 0x0FFF) << 64
+    value |= 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return uuid.UUID(int=value)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """Every field of DESIGN.md's event table, under the same names."""
+
+    event_id: uuid.UUID
+    node_id: str
+    started_at: datetime
+    ended_at: datetime
+    source_ip: str
+    source_port: int
+    user: str
+    command: str
+    protocol: str
+    dest_host: str | None
+    domain: str | None
+    dest_ip: str | None
+    dest_port: int | None
+    registered_domain: str | None
+    status: str
+    reply_code: int | None
+    close_reason: str
+    connect_ms: float | None
+    ttfb_ms: float | None
+    duration_ms: float
+    bytes_out: int
+    bytes_in: int
+    trace_id: str | None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping: ISO 8601 UTC times with microseconds, UUID as text."""
+        data = asdict(self)
+        data["event_id"] = str(self.event_id)
+        data["started_at"] = _iso(self.started_at)
+        data["ended_at"] = _iso(self.ended_at)
+        return data
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ConnectionRecord:
+    """The mutable state of one session's event, filled in as the session goes."""
+
+    __slots__ = (
+        "accepted_mono", "bytes_in", "bytes_out", "close_reason", "command", "connected_mono",
+        "dest_host", "dest_ip", "dest_port", "domain", "first_byte_mono", "protocol",
+        "replied_mono", "reply_code", "request_mono", "source_ip", "source_port",
+        "started_wall_us", "status", "user",
+    )
+
+    def __init__(self, source_ip: str, source_port: int, accepted_mono: float) -> None:
+        self.started_wall_us = time.time_ns() // 1000
+        self.accepted_mono = accepted_mono
+        self.source_ip = source_ip
+        self.source_port = source_port
+        self.user = ""
+        self.command = "connect"
+        self.protocol = "tcp"
+        self.dest_host: str | None = None
+        self.domain: str | None = None
+        self.dest_ip: str | None = None
+        self.dest_port: int | None = None
+        self.status = "error"
+        self.reply_code: int | None = None
+        self.close_reason = "client"
+        self.request_mono: float | None = None
+        self.connected_mono: float | None = None
+        self.replied_mono: float | None = None
+        self.first_byte_mono: float | None = None
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def finish(self, *, node_id: str, now_mono: float) -> ConnectionEvent:
+        """Freeze the record into the event the sink receives."""
+        duration_ms = max(0.0, (now_mono - self.accepted_mono) * 1000.0)
+        started = _EPOCH + timedelta(microseconds=self.started_wall_us)
+        connect_ms = ttfb_ms = None
+        if self.request_mono is not None and self.connected_mono is not None:
+            connect_ms = round((self.connected_mono - self.request_mono) * 1000.0, 3)
+        if self.replied_mono is not None and self.first_byte_mono is not None:
+            ttfb_ms = round(max(0.0, self.first_byte_mono - self.replied_mono) * 1000.0, 3)
+        return ConnectionEvent(
+            event_id=uuid7(self.started_wall_us // 1000),
+            node_id=node_id,
+            started_at=started,
+            ended_at=started + timedelta(milliseconds=duration_ms),
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            user=self.user,
+            command=self.command,
+            protocol=self.protocol,
+            dest_host=self.dest_host,
+            domain=self.domain,
+            dest_ip=self.dest_ip,
+            dest_port=self.dest_port,
+            registered_domain=None,
+            status=self.status,
+            reply_code=self.reply_code,
+            close_reason=self.close_reason,
+            connect_ms=connect_ms,
+            ttfb_ms=ttfb_ms,
+            duration_ms=round(duration_ms, 3),
+            bytes_out=self.bytes_out,
+            bytes_in=self.bytes_in,
+            trace_id=None,
+        )

@@ -1,0 +1,123 @@
+"""The handshake phases: method negotiation, RFC 1929 authentication, the request.
+
+A `HandshakeReader` keeps whatever the client sent beyond the message being parsed, so a
+handshake split into single bytes and one pipelined with the data after it read the same.
+On every failure the client gets the reply the RFC asks for before the exception leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+from proxy_node.auth import Authenticator, choose_method
+from proxy_node.errors import ProxyError
+from proxy_node.events import ConnectionRecord
+from proxy_node.wire import (
+    AuthMethod,
+    WireError,
+    encode_auth_reply,
+    encode_method_selection,
+    parse_auth_request,
+    parse_greeting,
+)
+
+__all__ = ["AuthFailed", "ClientClosed", "HandshakeReader", "NoAcceptableMethod", "negotiate"]
+
+T = TypeVar("T")
+_RECV_SIZE = 4096
+
+
+class ClientClosed(ProxyError):
+    """The client closed or reset the connection in the middle of the handshake."""
+
+
+class NoAcceptableMethod(ProxyError):
+    """None of the methods the client offered is acceptable (0xFF sent)."""
+
+
+class AuthFailed(ProxyError):
+    """Wrong username or password, or a disabled user (RFC 1929 failure sent)."""
+
+
+class HandshakeReader:
+    """Reads handshake messages from a non-blocking socket, keeping any surplus bytes."""
+
+    __slots__ = ("buffer", "loop", "sock")
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.buffer = bytearray()
+
+    async def read(self, parse: Callable[[bytearray], tuple[T, int] | None]) -> T:
+        """The next message; raise ClientClosed at EOF, WireError if malformed."""
+        while True:
+            parsed = parse(self.buffer)
+            if parsed is not None:
+                message, used = parsed
+                del self.buffer[:used]
+                return message
+            self.buffer += await self.recv()
+
+    async def recv(self) -> bytes:
+        """Some bytes, trying the socket before waiting on the loop; ClientClosed at EOF."""
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            try:
+                data = await self.loop.sock_recv(self.sock, _RECV_SIZE)
+            except OSError as exc:
+                raise ClientClosed(exc.strerror or "reset") from exc
+        except OSError as exc:
+            raise ClientClosed(exc.strerror or "reset") from exc
+        if not data:
+            raise ClientClosed("EOF during handshake")
+        return data
+
+    async def send(self, data: bytes) -> None:
+        """Send a whole reply; handshake replies are tiny, so this rarely waits."""
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise ClientClosed(exc.strerror or "reset") from exc
+        if sent < len(data):
+            try:
+                await self.loop.sock_sendall(self.sock, data[sent:])
+            except OSError as exc:
+                raise ClientClosed(exc.strerror or "reset") from exc
+
+    def take_surplus(self) -> bytes:
+        """Bytes the client sent after its request (to be relayed first)."""
+        surplus = bytes(self.buffer)
+        self.buffer.clear()
+        return surplus
+
+
+async def negotiate(
+    reader: HandshakeReader, authenticator: Authenticator, record: ConnectionRecord
+) -> None:
+    """Method selection and, when users exist, username/password; fills `record.user`."""
+    greeting = await reader.read(parse_greeting)
+    method = choose_method(greeting.methods, requires_auth=authenticator.requires_auth)
+    await reader.send(encode_method_selection(method))
+    if method == AuthMethod.NO_ACCEPTABLE_METHODS:
+        record.status = "auth_failed"
+        raise NoAcceptableMethod("no acceptable authentication method offered")
+    if method != AuthMethod.USERNAME_PASSWORD:
+        return
+    try:
+        credentials = await reader.read(parse_auth_request)
+    except WireError:
+        await reader.send(encode_auth_reply(False))
+        raise
+    record.user = credentials.username.decode("utf-8", "replace")
+    ok = await authenticator.verify(credentials.username, credentials.password)
+    await reader.send(encode_auth_reply(ok))
+    if not ok:
+        record.status = "auth_failed"
+        raise AuthFailed(f"authentication failed for {record.user!r}")

@@ -1,0 +1,161 @@
+"""A proxy node process: wire the parts together, handle signals, run one or more workers.
+
+With `proxy.workers` > 1 the parent reserves the port (bound, not listening) and forks
+workers that each listen on it with SO_REUSEPORT, so the kernel spreads connections over
+every core. Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the policy file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sys
+from typing import Any
+
+from proxy_node.auth import PolicyAuthenticator
+from proxy_node.policy import PolicyError, load_policy
+from proxy_node.resolver import CachingResolver
+from proxy_node.rules import PermitAll
+from proxy_node.server import ProxyServer, open_listening_socket
+from proxy_node.sink import EventSink, JsonLinesSink, NullSink
+from socks5_analytics import __version__, runtime
+from socks5_analytics.config import Settings, format_address
+from socks5_analytics.logs import configure_logging, get_logger
+
+__all__ = ["run"]
+
+log = get_logger("proxy_node")
+
+
+def _make_sink(settings: Settings) -> EventSink:
+    events = settings.proxy.events
+    if events.sink == "none":
+        return NullSink()
+    return JsonLinesSink(events.path, capacity=events.buffer_events,
+                         flush_interval=events.flush_interval)
+
+
+def _raise_fd_limit() -> None:
+    """Two descriptors per connection (four while splicing): take the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
+                 ready: Any = None) -> int:
+    proxy = settings.proxy
+    try:
+        policy = load_policy(proxy.policy_file)
+    except PolicyError as exc:
+        log.error("invalid policy", error=str(exc))
+        return 2
+    for key in ("whitelist", "destinations", "limits"):
+        if getattr(policy, key):
+            log.warning("policy key is not enforced by this version", key=key)
+    authenticator = PolicyAuthenticator(policy)
+    sink = _make_sink(settings)
+    server = ProxyServer(
+        proxy,
+        node_id=settings.node_id,
+        sink=sink,
+        authenticator=authenticator,
+        rules=PermitAll(),
+        resolver=CachingResolver(timeout=proxy.dns_timeout, ttl=proxy.dns_cache_ttl,
+                                 size=proxy.dns_cache_size),
+        log=log,
+    )
+    host, port = proxy.listen
+    listener = open_listening_socket(host, port, reuse_port=reuse_port)
+    bound = server.serve(listener)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload_policy() -> None:
+        try:
+            new = load_policy(proxy.policy_file)
+        except PolicyError as exc:
+            log.error("policy reload failed; keeping the current policy", error=str(exc))
+            return
+        authenticator.update(new)
+        log.info("policy reloaded", policy_version=new.version, users=len(new.users))
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_policy)
+    if ready is not None:
+        ready.set()
+    if worker == 0:
+        log.info("proxy listening", address=format_address(*bound), version=__version__,
+                 policy_version=policy.version, auth=policy.requires_auth,
+                 workers=proxy.workers)
+    try:
+        await stop.wait()
+        log.info("shutting down", active_connections=server.active_connections)
+        await server.shutdown(proxy.shutdown_grace)
+    finally:
+        await loop.run_in_executor(None, sink.close)
+    log.info("stopped", events_dropped=sink.dropped)
+    return 0
+
+
+def _worker_main(settings: Settings, worker: int, ready: Any) -> None:
+    configure_logging(settings.log, component="proxy", node=settings.node_id)
+    _raise_fd_limit()
+    sys.exit(runtime.run(_serve(settings, reuse_port=True, worker=worker, ready=ready)))
+
+
+def _run_workers(settings: Settings) -> int:
+    host, port = settings.proxy.listen
+    reservation = open_listening_socket(host, port, reuse_port=True, listen=False)
+    port = reservation.getsockname()[1]
+    pinned = settings.model_copy(
+        update={"proxy": settings.proxy.model_copy(update={"listen": (host, port)})}
+    )
+    context = multiprocessing.get_context("fork")
+    workers = []
+    for index in range(settings.proxy.workers):
+        ready = context.Event()
+        process = context.Process(target=_worker_main, args=(pinned, index + 1, ready),
+                                  name=f"proxy-worker-{index + 1}")
+        process.start()
+        workers.append((process, ready))
+    for _, ready in workers:
+        ready.wait(timeout=30)
+    log.info("proxy listening", address=format_address(host, port), version=__version__,
+             workers=len(workers))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process, _ in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status = 0
+    for process, _ in workers:
+        process.join()
+        status = status or (process.exitcode or 0)
+    reservation.close()
+    log.info("stopped", workers=len(workers))
+    return status
+
+
+def run(settings: Settings) -> int:
+    """Run a proxy node until SIGTERM/SIGINT; returns the process exit status."""
+    configure_logging(settings.log, component="proxy", node=settings.node_id)
+    _raise_fd_limit()
+    if settings.proxy.workers > 1:
+        return _run_workers(settings)
+    try:
+        return runtime.run(_serve(settings, reuse_port=False, worker=0))
+    except OSError as exc:
+        log.error("cannot start proxy", error=exc.strerror or str(exc))
+        return 1

@@ -1,0 +1,113 @@
+"""The policy document (DESIGN.md "Policy"): users, whitelist, destination rules, limits.
+
+Loaded from a YAML file and validated strictly: unknown keys and plain-text passwords are
+errors. Its version is a hash of the file's content, so every node running the same
+document reports the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from socks5_analytics.passwords import PasswordHashError, parse_hash
+
+__all__ = ["Policy", "PolicyError", "UserEntry", "load_policy", "parse_policy"]
+
+
+class PolicyError(Exception):
+    """The policy document is invalid; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UserEntry(_Strict):
+    """One user allowed to authenticate with RFC 1929 username/password."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password_hash: str
+    disabled: bool = False
+    max_connections: int = Field(default=0, ge=0)
+    connections_per_second: float = Field(default=0, ge=0)
+
+    @field_validator("username")
+    @classmethod
+    def _fits_rfc1929(cls, value: str) -> str:
+        if len(value.encode()) > 255:
+            raise ValueError("longer than 255 bytes (RFC 1929 UNAME)")
+        return value
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_a_hash(cls, value: str) -> str:
+        try:
+            parse_hash(value)
+        except PasswordHashError as exc:
+            raise ValueError(
+                f"not a hash from `socks5-analytics hash-password` ({exc})"
+            ) from exc
+        return value
+
+
+class Policy(_Strict):
+    """The whole document; `version` is the content hash of what was loaded."""
+
+    users: list[UserEntry] = Field(default_factory=list)
+    whitelist: list[str] = Field(default_factory=list)
+    destinations: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+    version: str = "empty"
+
+    @field_validator("users")
+    @classmethod
+    def _unique_names(cls, users: list[UserEntry]) -> list[UserEntry]:
+        seen: set[str] = set()
+        for user in users:
+            if user.username in seen:
+                raise ValueError(f"duplicate username {user.username!r}")
+            seen.add(user.username)
+        return users
+
+    @property
+    def requires_auth(self) -> bool:
+        """Users listed: the proxy requires username/password."""
+        return bool(self.users)
+
+
+def parse_policy(text: str, *, source: str = "policy") -> Policy:
+    """Validate a policy document's text; raise PolicyError naming the bad key."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: the top level must be a mapping")
+    if "version" in data:
+        raise PolicyError(f"{source}: version: unknown key (the version is the content hash)")
+    version = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        return Policy(**data, version=version)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: "
+            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in exc.errors()
+        )
+        raise PolicyError(f"{source}: {problems}") from exc
+
+
+def load_policy(path: Path | None) -> Policy:
+    """Read and validate the policy file; no file means no users and no restrictions."""
+    if path is None:
+        return Policy()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from exc
+    return parse_policy(text, source=str(path))

@@ -1,0 +1,341 @@
+"""The TCP relay: moves bytes both ways between the client and the destination.
+
+Two independent flows (upload, download), each driven by readiness callbacks on raw
+non-blocking sockets, with flow control: a flow whose destination cannot take more stops
+reading its source until the backlog drains. A flow starts by copying through one shared
+buffer (no allocation per chunk) and, once it has carried `SPLICE_AFTER` bytes, switches to
+`os.splice` through a pipe so bulk data never enters Python. EOF on one side is passed on
+as a half-close (`shutdown(SHUT_WR)`); the relay ends when both flows are done, on a reset,
+or after an idle timeout (a shorter one once half-closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from proxy_node.events import ConnectionRecord
+
+__all__ = ["SPLICE_AFTER", "RelayBuffer", "RelayMode", "TcpRelay", "splice_supported"]
+
+RelayMode = Literal["auto", "splice", "copy"]
+
+SPLICE_AFTER = 1 << 20
+_PIPE_SIZE = 1 << 20
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RESET_LINGER = struct.pack("ii", 1, 0)
+_RETRY = (BlockingIOError, InterruptedError)
+
+
+def splice_supported() -> bool:
+    """Whether this platform has os.splice (Linux, Python 3.10+)."""
+    return hasattr(os, "splice")
+
+
+class RelayBuffer:
+    """One read buffer per event loop: a copy flow uses it only inside one callback."""
+
+    __slots__ = ("data", "view")
+
+    def __init__(self, size: int = 256 * 1024) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+
+
+class _Flow:
+    """One direction: read from `src`, write to `dst`."""
+
+    __slots__ = (
+        "count",
+        "done",
+        "download",
+        "dst",
+        "dst_fd",
+        "eof",
+        "in_pipe",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "relay",
+        "splicing",
+        "src",
+        "src_fd",
+    )
+
+    def __init__(self, relay: TcpRelay, src: socket.socket, dst: socket.socket,
+                 *, download: bool) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.download = download
+        self.count = 0
+        self.pending = b""
+        self.eof = False
+        self.done = False
+        self.splicing = False
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.in_pipe = 0
+
+    # -- copy mode ------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        relay = self.relay
+        buffer = relay.buffer
+        try:
+            received = self.src.recv_into(buffer.data)
+        except _RETRY:
+            return
+        except OSError:
+            relay.abort(self.src)
+            return
+        if received == 0:
+            self._on_eof()
+            return
+        loop_time = relay.loop.time()
+        relay.last_activity = loop_time
+        if self.download and relay.record.first_byte_mono is None:
+            relay.record.first_byte_mono = time.monotonic()
+        try:
+            sent = self.dst.send(buffer.view[:received])
+        except _RETRY:
+            sent = 0
+        except OSError:
+            relay.abort(self.dst)
+            return
+        self.count += sent
+        if sent < received:
+            self.pending = buffer.view[sent:received].tobytes()
+            relay.loop.remove_reader(self.src_fd)
+            relay.loop.add_writer(self.dst_fd, self.on_writable)
+        elif relay.mode == "auto" and self.count >= SPLICE_AFTER:
+            self._start_splice()
+
+    def on_writable(self) -> None:
+        relay = self.relay
+        try:
+            sent = self.dst.send(self.pending)
+        except _RETRY:
+            return
+        except OSError:
+            relay.abort(self.dst)
+            return
+        self.count += sent
+        relay.last_activity = relay.loop.time()
+        if sent < len(self.pending):
+            self.pending = self.pending[sent:]
+            return
+        self.pending = b""
+        relay.loop.remove_writer(self.dst_fd)
+        if self.eof:
+            self._finish()
+        elif relay.mode == "auto" and self.count >= SPLICE_AFTER:
+            self._start_splice()
+        else:
+            relay.loop.add_reader(self.src_fd, self.on_readable)
+
+    # -- splice mode ----------------------------------------------------------------------
+
+    def _start_splice(self) -> None:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.relay.mode = "copy"  # out of file descriptors: keep copying
+            self.relay.loop.add_reader(self.src_fd, self.on_readable)
+            return
+        try:
+            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe still works
+        self.splicing = True
+        self.relay.loop.add_reader(self.src_fd, self.on_splice_readable)
+
+    def on_splice_readable(self) -> None:
+        relay = self.relay
+        try:
+            moved = os.splice(self.src_fd, self.pipe_w, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except _RETRY:
+            return
+        except OSError:
+            relay.abort(self.src)
+            return
+        if moved == 0:
+            self._on_eof()
+            return
+        loop_time = relay.loop.time()
+        relay.last_activity = loop_time
+        if self.download and relay.record.first_byte_mono is None:
+            relay.record.first_byte_mono = time.monotonic()
+        self.in_pipe += moved
+        if not self._drain_pipe():
+            relay.loop.remove_reader(self.src_fd)
+            relay.loop.add_writer(self.dst_fd, self.on_splice_writable)
+
+    def on_splice_writable(self) -> None:
+        if not self._drain_pipe():
+            return
+        relay = self.relay
+        relay.loop.remove_writer(self.dst_fd)
+        if self.eof:
+            self._finish()
+        else:
+            relay.loop.add_reader(self.src_fd, self.on_splice_readable)
+
+    def _drain_pipe(self) -> bool:
+        """Move the pipe's bytes to `dst`; True once the pipe is empty."""
+        while self.in_pipe:
+            try:
+                moved = os.splice(self.pipe_r, self.dst_fd, self.in_pipe, flags=_SPLICE_FLAGS)
+            except _RETRY:
+                return False
+            except OSError:
+                self.relay.abort(self.dst)
+                return False
+            self.in_pipe -= moved
+            self.count += moved
+        return True
+
+    # -- end of stream --------------------------------------------------------------------
+
+    def _on_eof(self) -> None:
+        self.eof = True
+        self.relay.loop.remove_reader(self.src_fd)
+        if self.relay.first_eof is None:
+            self.relay.first_eof = self.src
+        if not self.pending and not self.in_pipe:
+            self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other side is already gone; the other flow will notice
+        self.done = True
+        self.relay.flow_done()
+
+    def close_pipe(self) -> None:
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+
+
+class TcpRelay:
+    """Both flows of one connection, its idle timer and its end."""
+
+    __slots__ = (
+        "buffer", "client", "closed", "down", "first_eof", "half_close_timeout",
+        "idle_timeout", "last_activity", "loop", "mode", "on_close", "record", "timer", "up",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: ConnectionRecord,
+        *,
+        buffer: RelayBuffer,
+        mode: RelayMode,
+        idle_timeout: float,
+        half_close_timeout: float,
+        on_close: Callable[[TcpRelay, str], None],
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.upstream = upstream
+        self.record = record
+        self.buffer = buffer
+        self.mode: RelayMode = mode if splice_supported() else "copy"
+        self.idle_timeout = idle_timeout
+        self.half_close_timeout = half_close_timeout
+        self.on_close = on_close
+        self.up = _Flow(self, client, upstream, download=False)
+        self.down = _Flow(self, upstream, client, download=True)
+        self.first_eof: socket.socket | None = None
+        self.closed = False
+        self.last_activity = loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, early_data: bytes = b"") -> None:
+        """Begin relaying; `early_data` is what the client pipelined after its request."""
+        loop = self.loop
+        if early_data:
+            try:
+                sent = self.upstream.send(early_data)
+            except _RETRY:
+                sent = 0
+            except OSError:
+                self.abort(self.upstream)
+                return
+            self.up.count += sent
+            if sent < len(early_data):
+                self.up.pending = early_data[sent:]
+                loop.add_writer(self.up.dst_fd, self.up.on_writable)
+        for flow in (self.up, self.down):
+            if flow.pending:
+                continue
+            if self.mode == "splice":
+                flow._start_splice()
+            else:
+                loop.add_reader(flow.src_fd, flow.on_readable)
+        self.timer = loop.call_at(self.last_activity + self.idle_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        half_closed = self.up.done or self.down.done
+        limit = self.half_close_timeout if half_closed else self.idle_timeout
+        deadline = self.last_activity + limit
+        if self.loop.time() >= deadline:
+            self.close("idle_timeout")
+        else:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def flow_done(self) -> None:
+        """One direction has ended; close when both have."""
+        if self.up.done and self.down.done:
+            self.close("client" if self.first_eof is self.client else "destination")
+        elif self.timer is not None:
+            self.timer.cancel()
+            self.timer = self.loop.call_at(
+                self.last_activity + min(self.idle_timeout, self.half_close_timeout),
+                self._on_timer,
+            )
+
+    def abort(self, failed: socket.socket) -> None:
+        """A socket reported an error: reset the other side too, so it sees no clean EOF."""
+        other = self.upstream if failed is self.client else self.client
+        try:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
+        except OSError:
+            pass
+        self.close("client" if failed is self.client else "destination")
+
+    def close(self, reason: str) -> None:
+        """Stop both flows, release every descriptor, report once."""
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.loop
+        for sock in (self.client, self.upstream):
+            fd = sock.fileno()
+            if fd >= 0:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+            sock.close()
+        self.up.close_pipe()
+        self.down.close_pipe()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.record.bytes_out += self.up.count
+        self.record.bytes_in += self.down.count
+        self.on_close(self, reason)

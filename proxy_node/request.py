@@ -1,0 +1,102 @@
+"""The request phase: what the client asked for, and reaching it (CONNECT's dialer).
+
+`destination()` is pure: it turns the request's address into the event's `dest_host` and
+`domain` (lower-cased, IDNA) and tells whether a name must be resolved. `dial()` resolves,
+asks the rule set, and connects, trying each address in turn within one timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+import idna
+
+from proxy_node.errors import ResolutionFailed, UpstreamTimeout, translate_os_error
+from proxy_node.resolver import Resolver, SockAddr
+from proxy_node.rules import RuleSet
+from proxy_node.wire import AddressType, Request
+
+__all__ = ["Destination", "destination", "dial", "plain_ip", "sockaddr_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where the client wants to go: `host` is a canonical IP or an ASCII domain."""
+
+    host: str
+    port: int
+    is_domain: bool
+
+
+def plain_ip(address: str) -> str:
+    """An IPv4-mapped IPv6 address as plain IPv4; any other address unchanged."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def destination(request: Request) -> Destination:
+    """Normalize the requested address; raise ResolutionFailed for an unusable name."""
+    if request.address_type != AddressType.DOMAINNAME:
+        return Destination(plain_ip(request.host), request.port, False)
+    name = request.host.rstrip(".").lower()
+    try:
+        return Destination(str(ipaddress.ip_address(name)), request.port, False)
+    except ValueError:
+        pass
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ResolutionFailed(f"not a valid internationalized name: {exc}") from exc
+    if not name or len(name) > 253:
+        raise ResolutionFailed("not a valid host name")
+    return Destination(name, request.port, True)
+
+
+def sockaddr_for(ip: str, port: int) -> SockAddr:
+    """The (family, sockaddr) of an IP literal."""
+    if ":" in ip:
+        return socket.AF_INET6, (ip, port, 0, 0)
+    return socket.AF_INET, (ip, port)
+
+
+async def dial(
+    dest: Destination,
+    *,
+    resolver: Resolver,
+    rules: RuleSet,
+    timeout: float,
+) -> socket.socket:
+    """A connected non-blocking TCP socket to `dest`, or an UpstreamError."""
+    loop = asyncio.get_running_loop()
+    if dest.is_domain:
+        candidates = await resolver.resolve(dest.host, dest.port)
+    else:
+        candidates = [sockaddr_for(dest.host, dest.port)]
+    for _, addr in candidates:
+        rules.check_destination("connect", dest.host, addr[0], dest.port)
+    failure: Exception | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            for family, addr in candidates:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await loop.sock_connect(sock, addr)
+                except OSError as exc:
+                    sock.close()
+                    failure = translate_os_error(exc)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"no connection within {timeout:g} s") from exc
+    assert failure is not None
+    raise failure

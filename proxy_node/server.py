@@ -1,0 +1,168 @@
+"""The listening side of a proxy node: accept, cap, hand off to sessions, shut down in order.
+
+All shared state lives on one `ProxyServer` object (no globals). Accepting is a readiness
+callback that takes up to a batch of connections per wake-up; a connection over the cap is
+reset at once rather than queued. Shutdown is one sequence: stop accepting, let live
+sessions drain for the grace period, abort the rest, then report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import time
+from typing import Any
+
+from proxy_node.auth import Authenticator
+from proxy_node.relay import RelayBuffer
+from proxy_node.resolver import Resolver
+from proxy_node.rules import RuleSet
+from proxy_node.session import Session
+from proxy_node.sink import EventSink
+from socks5_analytics.config import ProxySettings
+
+__all__ = ["ProxyServer", "open_listening_socket"]
+
+_ACCEPT_BATCH = 128
+_RESET_LINGER = struct.pack("ii", 1, 0)
+_FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def open_listening_socket(host: str, port: int, *, reuse_port: bool,
+                          listen: bool = True) -> socket.socket:
+    """A non-blocking TCP listener (or, with listen=False, a port reservation)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        if listen:
+            sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ProxyServer:
+    """One proxy node's accept loop and its live sessions."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        *,
+        node_id: str,
+        sink: EventSink,
+        authenticator: Authenticator,
+        rules: RuleSet,
+        resolver: Resolver,
+        log: Any,
+    ) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.sink = sink
+        self.authenticator = authenticator
+        self.rules = rules
+        self.resolver = resolver
+        self.log = log
+        self.loop = asyncio.get_running_loop()
+        self.buffer = RelayBuffer()
+        self.sessions: set[Session] = set()
+        self.refused_over_capacity = 0
+        self.started_at = time.time()
+        self._listener: socket.socket | None = None
+        self._drained: asyncio.Event | None = None
+        self._last_refusal_log = 0.0
+
+    @property
+    def active_connections(self) -> int:
+        """Sessions from accept to close."""
+        return len(self.sessions)
+
+    def serve(self, listener: socket.socket) -> tuple[str, int]:
+        """Start accepting on `listener`; returns the address it is bound to."""
+        self._listener = listener
+        self.loop.add_reader(listener.fileno(), self._on_accept)
+        host, port = listener.getsockname()[:2]
+        return host, port
+
+    def _on_accept(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        cap = self.settings.max_connections
+        loop = self.loop
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._pause_accepting(exc)
+                return
+            if len(self.sessions) >= cap:
+                self._refuse(sock)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = Session(self, sock, peer, time.monotonic())
+            self.sessions.add(session)
+            session.task = loop.create_task(session.run())
+
+    def _refuse(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
+        sock.close()
+        self.refused_over_capacity += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10:
+            self._last_refusal_log = now
+            self.log.warning("connection refused: at max_connections",
+                             max_connections=self.settings.max_connections,
+                             refused_total=self.refused_over_capacity)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting briefly instead of spinning on the error."""
+        listener = self._listener
+        if listener is None:
+            return
+        self.log.error("accept failed; pausing for 100 ms", error=exc.strerror)
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(0.1, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
+
+    def session_ended(self, session: Session) -> None:
+        """Emit the session's event and forget it."""
+        self.sessions.discard(session)
+        self.sink.emit(session.record.finish(node_id=self.node_id, now_mono=time.monotonic()))
+        if self._drained is not None and not self.sessions:
+            self._drained.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, wait up to `grace` seconds for sessions to end, abort the rest."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self._drained = asyncio.Event()
+        if self.sessions:
+            self.log.info("draining", active_connections=len(self.sessions), grace_s=grace)
+            try:
+                async with asyncio.timeout(grace):
+                    await self._drained.wait()
+            except TimeoutError:
+                self.log.warning("grace period over; closing connections",
+                                 active_connections=len(self.sessions))
+        for session in list(self.sessions):
+            session.abort("shutdown")
+        tasks = [s.task for s in self.sessions if s.task is not None and not s.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)

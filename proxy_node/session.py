@@ -1,0 +1,241 @@
+"""One client connection, from accept to close: handshake, request, then CONNECT, BIND or
+UDP ASSOCIATE. Every failure sends the reply the RFC asks for, then ends the session; every
+session ends in exactly one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from proxy_node.bind import accept_one, open_listener
+from proxy_node.errors import ProxyError, outcome_for
+from proxy_node.events import ConnectionRecord
+from proxy_node.handshake import (
+    AuthFailed,
+    ClientClosed,
+    HandshakeReader,
+    NoAcceptableMethod,
+    negotiate,
+)
+from proxy_node.relay import TcpRelay
+from proxy_node.request import Destination, destination, dial, plain_ip
+from proxy_node.udp import UdpAssociation
+from proxy_node.wire import Command, Reply, Request, WireError, encode_reply, parse_request
+
+if TYPE_CHECKING:
+    from proxy_node.server import ProxyServer
+
+__all__ = ["Session"]
+
+_COMMAND_NAMES = {
+    Command.CONNECT: "connect",
+    Command.BIND: "bind",
+    Command.UDP_ASSOCIATE: "udp_associate",
+}
+_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
+
+
+class Session:
+    """The state of one client connection."""
+
+    __slots__ = ("abort_reason", "ended", "record", "relay", "server", "sock", "task")
+
+    def __init__(self, server: ProxyServer, sock: socket.socket, peer: tuple[str, int],
+                 accepted_mono: float) -> None:
+        self.server = server
+        self.sock = sock
+        self.record = ConnectionRecord(plain_ip(peer[0]), peer[1], accepted_mono)
+        self.task: asyncio.Task[None] | None = None
+        self.relay: TcpRelay | None = None
+        self.abort_reason: str | None = None
+        self.ended = False
+
+    def abort(self, reason: str) -> None:
+        """End the session now (shutdown, revocation), whatever phase it is in."""
+        if self.relay is not None:
+            self.relay.close(reason)
+        elif self.task is not None and not self.task.done():
+            self.abort_reason = reason
+            self.task.cancel()
+
+    async def run(self) -> None:
+        """The session's task: returns once the relay (if any) has taken over."""
+        record = self.record
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            record.close_reason = self.abort_reason or "shutdown"
+            self._end()
+        except ClientClosed:
+            record.close_reason = "client"
+            self._end()
+        except (NoAcceptableMethod, AuthFailed, WireError, ProxyError):
+            record.close_reason = "error"
+            self._end()
+        except Exception:
+            self.server.log.exception("session failed", source_ip=record.source_ip)
+            record.status = "error"
+            record.close_reason = "error"
+            self._end()
+
+    async def _run(self) -> None:
+        server = self.server
+        settings = server.settings
+        loop = server.loop
+        record = self.record
+        reader = HandshakeReader(self.sock, loop)
+        try:
+            async with asyncio.timeout(settings.handshake_timeout):
+                server.rules.check_source(record.source_ip)
+                await negotiate(reader, server.authenticator, record)
+                try:
+                    request = await reader.read(parse_request)
+                except WireError as exc:
+                    await self._reply_failure(reader, exc)
+                    raise
+        except TimeoutError:
+            record.status = "timeout"
+            record.close_reason = "idle_timeout"
+            self._end()
+            return
+        record.request_mono = time.monotonic()
+        record.command = _COMMAND_NAMES[request.command]
+        if request.command == Command.UDP_ASSOCIATE:
+            record.protocol = "udp"
+        try:
+            dest = destination(request)
+            if request.command != Command.UDP_ASSOCIATE:
+                record.dest_host = dest.host
+                record.dest_port = dest.port
+                record.domain = dest.host if dest.is_domain else None
+            if request.command == Command.CONNECT:
+                await self._connect(reader, dest)
+            elif request.command == Command.BIND:
+                await self._bind(reader, dest)
+            else:
+                await self._udp_associate(reader, request)
+        except (ProxyError, WireError) as exc:
+            await self._reply_failure(reader, exc)
+            raise
+
+    async def _reply_failure(self, reader: HandshakeReader, exc: BaseException) -> None:
+        reply, status = outcome_for(exc)
+        self.record.status = status
+        self.record.reply_code = int(reply)
+        try:
+            await reader.send(encode_reply(reply))
+        except ClientClosed:
+            pass  # the client is gone; the session ends either way
+
+    async def _succeed(self, reader: HandshakeReader, host: str, port: int) -> None:
+        await reader.send(encode_reply(Reply.SUCCEEDED, plain_ip(host), port))
+        record = self.record
+        record.status = "ok"
+        record.reply_code = int(Reply.SUCCEEDED)
+        record.replied_mono = time.monotonic()
+
+    async def _connect(self, reader: HandshakeReader, dest: Destination) -> None:
+        server = self.server
+        upstream = await dial(dest, resolver=server.resolver, rules=server.rules,
+                              timeout=server.settings.connect_timeout)
+        try:
+            record = self.record
+            record.connected_mono = time.monotonic()
+            record.dest_ip = plain_ip(upstream.getpeername()[0])
+            host, port = upstream.getsockname()[:2]
+            await self._succeed(reader, host, port)
+        except BaseException:
+            upstream.close()
+            raise
+        self._start_relay(upstream, reader.take_surplus())
+
+    async def _bind(self, reader: HandshakeReader, dest: Destination) -> None:
+        server = self.server
+        expected = None if dest.is_domain or dest.host in _UNSPECIFIED else dest.host
+        listener = open_listener(expected, plain_ip(self.sock.getsockname()[0]))
+        try:
+            host, port = listener.getsockname()[:2]
+            await self._succeed(reader, host, port)
+            record = self.record
+            record.status = "error"  # until the second reply says otherwise
+            inbound, peer_ip, peer_port = await accept_one(
+                listener, expected, server.settings.bind_timeout
+            )
+        finally:
+            listener.close()
+        try:
+            record.connected_mono = time.monotonic()
+            record.dest_ip, record.dest_port = peer_ip, peer_port
+            await self._succeed(reader, peer_ip, peer_port)
+        except BaseException:
+            inbound.close()
+            raise
+        self._start_relay(inbound, reader.take_surplus())
+
+    async def _udp_associate(self, reader: HandshakeReader, request: Request) -> None:
+        server = self.server
+        association = UdpAssociation(
+            server.loop,
+            bind_ip=plain_ip(self.sock.getsockname()[0]),
+            client_ip=self.record.source_ip,
+            client_port=request.port or None,
+            record=self.record,
+            resolver=server.resolver,
+            rules=server.rules,
+            idle_timeout=server.settings.udp_idle_timeout,
+        )
+        watcher: asyncio.Task[None] | None = None
+        try:
+            self.record.connected_mono = time.monotonic()
+            host, port = association.bound
+            await self._succeed(reader, host, port)
+            association.start()
+            watcher = server.loop.create_task(_until_closed(reader))
+            await asyncio.wait({watcher, association.closed},
+                               return_when=asyncio.FIRST_COMPLETED)
+            reason = association.closed.result() if association.closed.done() else "client"
+            self.record.close_reason = reason
+        finally:
+            association.close(self.abort_reason or "shutdown")
+            if watcher is not None:
+                watcher.cancel()
+        self._end()
+
+    def _start_relay(self, upstream: socket.socket, early_data: bytes) -> None:
+        settings = self.server.settings
+        self.relay = TcpRelay(
+            self.server.loop,
+            self.sock,
+            upstream,
+            self.record,
+            buffer=self.server.buffer,
+            mode=settings.relay,
+            idle_timeout=settings.idle_timeout,
+            half_close_timeout=settings.half_close_timeout,
+            on_close=self._relay_closed,
+        )
+        self.relay.start(early_data)
+
+    def _relay_closed(self, relay: TcpRelay, reason: str) -> None:
+        self.record.close_reason = reason
+        self.ended = True
+        self.server.session_ended(self)
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.sock.close()
+        self.server.session_ended(self)
+
+
+async def _until_closed(reader: HandshakeReader) -> None:
+    """Read and discard until the control connection closes."""
+    try:
+        while True:
+            await reader.recv()
+    except ClientClosed:
+        return

@@ -1,0 +1,113 @@
+"""Where connection events go. A sink never blocks or slows the relay.
+
+`emit()` is a non-waiting append to a bounded buffer; a full buffer drops the event and
+counts it. The JSON-lines sink writes from its own thread, so a slow disk delays only the
+file, never a proxied byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+from proxy_node.events import ConnectionEvent
+from socks5_analytics.logs import get_logger
+
+__all__ = ["EventSink", "JsonLinesSink", "NullSink"]
+
+log = get_logger(__name__)
+
+
+class EventSink(Protocol):
+    """Receives each finished connection event."""
+
+    dropped: int
+
+    def emit(self, event: ConnectionEvent) -> None:
+        """Take the event without waiting; drop (and count) it when full."""
+
+    def close(self) -> None:
+        """Flush what is buffered and release resources."""
+
+
+class NullSink:
+    """Discards events (analytics off)."""
+
+    dropped = 0
+
+    def emit(self, event: ConnectionEvent) -> None:
+        """Discard the event."""
+
+    def close(self) -> None:
+        """Nothing to flush."""
+
+
+class JsonLinesSink:
+    """Appends one JSON object per line to a file, from a background thread."""
+
+    def __init__(self, path: Path, *, capacity: int, flush_interval: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_APPEND: worker processes share the file; each batch is one write() call.
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._capacity = capacity
+        self._interval = flush_interval
+        # deque.append and popleft are atomic: the loop thread never takes a lock.
+        self._buffer: deque[ConnectionEvent] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self.dropped = 0
+        self._reported_dropped = 0
+        self._thread = threading.Thread(target=self._run, name="jsonl-sink", daemon=True)
+        self._thread.start()
+
+    def emit(self, event: ConnectionEvent) -> None:
+        """Buffer the event for the writer thread; drop it if the buffer is full."""
+        buffer = self._buffer
+        if len(buffer) >= self._capacity:
+            self.dropped += 1
+            return
+        buffer.append(event)
+
+    def close(self) -> None:
+        """Write what is buffered, then stop the writer thread."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        os.close(self._fd)
+
+    def _swap(self) -> list[ConnectionEvent]:
+        buffer = self._buffer
+        return [buffer.popleft() for _ in range(len(buffer))]
+
+    def _run(self) -> None:
+        last_report = time.monotonic()
+        while True:
+            closing = self._closed
+            batch = self._swap()
+            if batch:
+                lines = "".join(
+                    json.dumps(event.to_json_dict(), separators=(",", ":")) + "\n"
+                    for event in batch
+                )
+                try:
+                    os.write(self._fd, lines.encode())
+                except OSError as exc:
+                    self.dropped += len(batch)
+                    log.error("event sink write failed", error=exc.strerror, events=len(batch))
+            now = time.monotonic()
+            if self.dropped != self._reported_dropped and now - last_report >= 10:
+                log.warning("events dropped: sink buffer full",
+                            dropped_total=self.dropped,
+                            dropped_since=self.dropped - self._reported_dropped)
+                self._reported_dropped = self.dropped
+                last_report = now
+            if closing:
+                if self.dropped != self._reported_dropped:
+                    log.warning("events dropped: sink buffer full", dropped_total=self.dropped)
+                return
+            self._wake.wait(self._interval)

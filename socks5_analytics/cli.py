@@ -1,0 +1,94 @@
+"""The `socks5-analytics` command: one subcommand per process.
+
+Every subcommand takes `--config FILE` and reads `.env` and `S5A_*` variables; the few flags
+here override both. A bad configuration prints the key and the problem and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from socks5_analytics import __version__
+from socks5_analytics.config import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+
+
+def _run_proxy(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy_node.main import run
+
+    return run(settings)
+
+
+def _proxy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    proxy: dict[str, Any] = {}
+    if args.listen is not None:
+        proxy["listen"] = args.listen
+    if args.policy is not None:
+        proxy["policy_file"] = args.policy
+    return {"proxy": proxy} if proxy else {}
+
+
+def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
+    from socks5_analytics.passwords import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="socks5-analytics",
+        description="A SOCKS5 proxy that records every connection and serves analytics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    proxy = commands.add_parser("proxy", help="run a SOCKS5 proxy node")
+    _add_config(proxy)
+    proxy.add_argument("--listen", metavar="H:P", help="SOCKS5 listen address (127.0.0.1:1080)")
+    proxy.add_argument("--policy", metavar="FILE", help="policy file (users, whitelist, limits)")
+    proxy.set_defaults(handler=_run_proxy, overrides=_proxy_overrides)
+
+    hashing = commands.add_parser(
+        "hash-password", help="read a password on stdin, print its hash for the policy file"
+    )
+    _add_config(hashing)
+    hashing.set_defaults(handler=_hash_password, overrides=lambda _args: {})
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, load the configuration, run the subcommand."""
+    args = _build_parser().parse_args(argv)
+    overrides: Callable[[argparse.Namespace], dict[str, Any]] = args.overrides
+    try:
+        settings = load_settings(args.config, **overrides(args))
+    except ConfigError as exc:
+        print(f"socks5-analytics {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    return handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

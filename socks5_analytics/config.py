@@ -1,0 +1,193 @@
+"""One validated configuration schema for every component.
+
+Values come, lowest priority first, from the defaults below, a YAML file (`--config`), a
+`.env` file, `S5A_*` environment variables (`__` nests: `S5A_PROXY__LISTEN`) and finally the
+few command-line flags. Unknown keys are errors, so a typo never silently falls back to a
+default. A bad value raises `ConfigError` whose message names the key and the problem.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "Address",
+    "ConfigError",
+    "EventSinkSettings",
+    "LogSettings",
+    "ProxySettings",
+    "Settings",
+    "format_address",
+    "load_settings",
+    "parse_address",
+]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+def parse_address(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse `HOST:PORT`, `[V6]:PORT` or `:PORT` into a (host, port) pair."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPV6]:PORT, got {value!r}")
+        ipaddress.IPv6Address(host)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 host needs brackets: [{host}]:{port_text}")
+        host = host or default_host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of `parse_address`: brackets around IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address(value: Any) -> tuple[str, int]:
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return str(value[0]), int(value[1])
+    if not isinstance(value, str):
+        raise ValueError("expected a string HOST:PORT")
+    return parse_address(value)
+
+
+Address = Annotated[tuple[str, int], BeforeValidator(_address)]
+Seconds = Annotated[float, Field(gt=0, le=86_400 * 7)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogSettings(_Section):
+    """How every component logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class EventSinkSettings(_Section):
+    """Where a proxy node sends its connection events."""
+
+    sink: Literal["jsonl", "none"] = "jsonl"
+    path: Path = Path("var/events.jsonl")
+    buffer_events: int = Field(default=100_000, ge=1, le=10_000_000)
+    flush_interval: Seconds = 0.2
+
+
+class ProxySettings(_Section):
+    """A SOCKS5 proxy node."""
+
+    listen: Address = ("127.0.0.1", 1080)
+    policy_file: Path | None = None
+    workers: int = Field(default=1, ge=1, le=64)
+    max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    handshake_timeout: Seconds = 10.0
+    connect_timeout: Seconds = 10.0
+    dns_timeout: Seconds = 5.0
+    dns_cache_ttl: float = Field(default=30.0, ge=0, le=86_400)
+    dns_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
+    idle_timeout: Seconds = 300.0
+    half_close_timeout: Seconds = 30.0
+    udp_idle_timeout: Seconds = 120.0
+    bind_timeout: Seconds = 60.0
+    shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    relay: Literal["auto", "splice", "copy"] = "auto"
+    events: EventSinkSettings = EventSinkSettings()
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "s5a_config_file", default=None
+)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """The `--config` YAML file, read once; its syntax errors name the line."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        if path is None:
+            return {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return data
+
+
+class Settings(BaseSettings):
+    """Every component's configuration; each reads its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="S5A_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    log: LogSettings = LogSettings()
+    proxy: ProxySettings = ProxySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings, _YamlFileSource(settings_cls))
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    given = error.get("input")
+    if error["type"] != "extra_forbidden" and not isinstance(given, (dict, list)):
+        return f"{key}: {message} (got {given!r})"
+    return f"{key}: {message}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from every source; raise `ConfigError` naming each bad key."""
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    finally:
+        _config_file.reset(token)
