@@ -15,12 +15,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
     "Address",
     "ConfigError",
+    "DatabaseSettings",
     "EventSinkSettings",
     "LogSettings",
     "ProxySettings",
@@ -113,6 +121,32 @@ class ProxySettings(_Section):
     events: EventSinkSettings = EventSinkSettings()
 
 
+class DatabaseSettings(_Section):
+    """PostgreSQL: where it is, the connection pool, partitions and retention."""
+
+    # postgresql://user:password@host:port/dbname; none: the embedded server (local runs)
+    url: str | None = Field(default=None, min_length=1)
+    pool_min_size: int = Field(default=1, ge=0, le=100)
+    pool_max_size: int = Field(default=10, ge=1, le=1000)
+    connect_timeout: Seconds = 10.0
+    # server-side statement_timeout for every query the pool runs; 0 disables it
+    statement_timeout: float = Field(default=30.0, ge=0, le=86_400)
+    # whole UTC days of raw rows and rollups kept besides today; older partitions are dropped
+    retention_days: int = Field(default=30, ge=1, le=36_500)
+    partitions_ahead_days: int = Field(default=3, ge=1, le=366)
+    maintenance_interval: Seconds = 3600.0
+    # the embedded server's folder; none: the user's data directory
+    embedded_data_dir: Path | None = None
+    # PostgreSQL binaries for the embedded server; none: the pgserver wheel, then the system's
+    embedded_bin_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _pool_sizes(self) -> DatabaseSettings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("pool_min_size must not exceed pool_max_size")
+        return self
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "s5a_config_file", default=None
 )
@@ -157,6 +191,7 @@ class Settings(BaseSettings):
     node_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     log: LogSettings = LogSettings()
     proxy: ProxySettings = ProxySettings()
+    database: DatabaseSettings = DatabaseSettings()
 
     @classmethod
     def settings_customise_sources(
