@@ -268,7 +268,12 @@ def _encode_address(host: str, port: int) -> bytes:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        name = host.encode("idna") if not host.isascii() else host.encode("ascii")
+        try:
+            name = host.encode("ascii") if host.isascii() else host.encode("idna")
+        except UnicodeError as exc:
+            raise MalformedMessage(f"domain name {host!r} cannot be encoded") from exc
+        if b"\x00" in name:
+            raise MalformedMessage("domain name contains a NUL byte")
         if not 0 < len(name) < 256:
             raise MalformedMessage(f"domain name of {len(name)} bytes") from None
         return bytes((AddressType.DOMAINNAME, len(name))) + name + port.to_bytes(2, "big")

@@ -23,7 +23,12 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 __all__ = [
     "Address",
@@ -58,7 +63,7 @@ def parse_address(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, in
         if ":" in host:
             raise ValueError(f"an IPv6 host needs brackets: [{host}]:{port_text}")
         host = host or default_host
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port must be 0-65535, got {port_text!r}")
     return host, int(port_text)
 
@@ -70,13 +75,17 @@ def format_address(host: str, port: int) -> str:
 
 def _address(value: Any) -> tuple[str, int]:
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        return str(value[0]), int(value[1])
+        host, port = value
+        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+            raise ValueError("expected [HOST, PORT] with a string host and an integer port")
+        value = format_address(host, port)
     if not isinstance(value, str):
         raise ValueError("expected a string HOST:PORT")
     return parse_address(value)
 
 
-Address = Annotated[tuple[str, int], BeforeValidator(_address)]
+# NoDecode: an environment value like S5A_PROXY__LISTEN=0.0.0.0:1080 is text, not JSON.
+Address = Annotated[tuple[str, int], NoDecode, BeforeValidator(_address)]
 Seconds = Annotated[float, Field(gt=0, le=86_400 * 7)]
 
 
@@ -184,6 +193,8 @@ class Settings(BaseSettings):
         env_prefix="S5A_",
         env_nested_delimiter="__",
         env_file=".env",
+        # A shared .env (docker compose reads it too) may hold other programs' variables.
+        dotenv_filtering="match_prefix",
         extra="forbid",
         frozen=True,
     )

@@ -40,6 +40,8 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     parts = encoded.split("$")
     if len(parts) != 6 or parts[0] != "scrypt":
         raise PasswordHashError("expected scrypt$N$r$p$salt$key")
+    if not all(x.isascii() and x.isdigit() for x in parts[1:4]):
+        raise PasswordHashError("scrypt N, r and p must be decimal integers")
     try:
         n, r, p = (int(x) for x in parts[1:4])
         salt = base64.b64decode(parts[4], validate=True)
@@ -48,7 +50,8 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
         raise PasswordHashError(f"malformed scrypt parameters: {exc}") from exc
     if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16:
         raise PasswordHashError("scrypt N must be a power of two, r in 1-64, p in 1-16")
-    if 128 * r * n * p > _MAX_MEM or not salt or len(key) < 16:
+    # OpenSSL needs 128*r*(N+p+1) bytes, plus slack: stay well under maxmem.
+    if 128 * r * (n + p + 2) >= _MAX_MEM // 2 or not salt or len(key) < 16:
         raise PasswordHashError("scrypt parameters out of range")
     return n, r, p, salt, key
 
@@ -56,8 +59,11 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
 def verify_password(password: bytes, encoded: str) -> bool:
     """Check a password against a hash in constant time (slow by design: run off-loop)."""
     n, r, p, salt, key = parse_hash(encoded)
-    candidate = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=len(key),
-                               maxmem=_MAX_MEM)
+    try:
+        candidate = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=len(key),
+                                   maxmem=_MAX_MEM)
+    except ValueError as exc:  # OpenSSL's own limits, e.g. memory
+        raise PasswordHashError(f"scrypt parameters rejected: {exc}") from exc
     return hmac.compare_digest(candidate, key)
 
 
