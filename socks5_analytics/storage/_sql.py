@@ -1,0 +1,257 @@
+"""The SQL text of the repository, built once at import.
+
+The rollup upserts repeat one shape for three tables and fourteen histogram columns, so they
+are generated here from `schema.py`; everything else is plain SQL with `$n` parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from socks5_analytics.storage.schema import LATENCY_BUCKETS_MS, LATENCY_COLUMNS
+
+# traffic_logs' columns, in the order of StoredEvent's fields.
+EVENT_COLUMNS: tuple[str, ...] = (
+    "event_id", "node_id", "started_at", "ended_at", "source_ip", "source_port", "user_name",
+    "command", "protocol", "dest_host", "domain", "dest_ip", "dest_port",
+    "registered_domain", "status", "reply_code", "close_reason", "connect_ms", "ttfb_ms",
+    "duration_ms", "bytes_out", "bytes_in", "trace_id",
+)
+_EVENT_LIST = ", ".join(EVENT_COLUMNS)
+
+STAGE_TABLE = "s5a_stage"
+# A per-session scratch table for COPY: no indexes, no WAL, emptied at every commit.
+CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} "
+    "(LIKE traffic_logs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """A per-minute rollup table: its key columns and the filters its key can answer."""
+
+    table: str
+    keys: tuple[str, ...]  # after bucket
+    filters: frozenset[str]  # StatsFilter fields
+    where: str = "TRUE"
+    extra: tuple[tuple[str, str, str], ...] = ()  # (column, aggregate, on-conflict value)
+
+
+TOTALS = Rollup("rollup_totals", ("node_id", "status"), frozenset({"node", "status"}))
+DOMAINS = Rollup(
+    "rollup_domains",
+    ("domain", "status"),
+    frozenset({"domain", "status"}),
+    where="domain IS NOT NULL",
+    extra=(("registered_domain", "max(registered_domain)",
+            "coalesce(excluded.registered_domain, r.registered_domain)"),),
+)
+CLIENTS = Rollup(
+    "rollup_clients",
+    ("source_ip", "user_name", "status"),
+    frozenset({"source_ip", "user", "status"}),
+)
+ROLLUPS = (TOTALS, DOMAINS, CLIENTS)
+
+
+def _bucket_filters(column: str) -> list[str]:
+    """FILTER conditions that put `column` into each histogram bucket (non-cumulative)."""
+    conditions: list[str] = []
+    lower: int | None = None
+    for bound in LATENCY_BUCKETS_MS:
+        low = f"{column} > {lower} AND " if lower is not None else ""
+        conditions.append(f"{low}{column} <= {bound}")
+        lower = bound
+    conditions.append(f"{column} > {lower}")
+    return conditions
+
+
+HISTOGRAM_FROM_RAW = ", ".join(
+    f"count(*) FILTER (WHERE {condition})" for condition in _bucket_filters("connect_ms")
+)
+HISTOGRAM_SUMS_AS = ", ".join(
+    f"coalesce(sum({column}), 0) AS {column}" for column in LATENCY_COLUMNS
+)
+HISTOGRAM_FROM_RAW_AS = ", ".join(
+    f"count(*) FILTER (WHERE {condition}) AS {column}"
+    for condition, column in zip(_bucket_filters("connect_ms"), LATENCY_COLUMNS, strict=True)
+)
+
+_MEASURES = ("connections", "bytes_in", "bytes_out", "connect_count", "connect_ms_sum",
+             "connect_ms_max", *LATENCY_COLUMNS)
+
+
+def _upsert(rollup: Rollup, source: str) -> str:
+    """An INSERT ... ON CONFLICT that adds the facts of CTE `source` into `rollup`."""
+    keys = ("bucket", *rollup.keys)
+    key_list = ", ".join(keys)
+    extra_columns = [column for column, _, _ in rollup.extra]
+    columns = ", ".join([*keys, *extra_columns, *_MEASURES])
+    aggregates = ", ".join(
+        [*keys, *(aggregate for _, aggregate, _ in rollup.extra),
+         "sum(connections)", "sum(bytes_in)", "sum(bytes_out)", "count(connect_ms)",
+         "coalesce(sum(connect_ms), 0)", "max(connect_ms)", HISTOGRAM_FROM_RAW]
+    )
+    updates = [f"{column} = {value}" for column, _, value in rollup.extra]
+    for measure in _MEASURES:
+        if measure == "connect_ms_max":
+            updates.append("connect_ms_max = greatest(r.connect_ms_max, excluded.connect_ms_max)")
+        else:
+            updates.append(f"{measure} = r.{measure} + excluded.{measure}")
+    # ORDER BY: concurrent batches lock rollup rows in one order, so they cannot deadlock.
+    return (
+        f"INSERT INTO {rollup.table} AS r ({columns})\n"
+        f"    SELECT {aggregates}\n"
+        f"    FROM {source} WHERE {rollup.where}\n"
+        f"    GROUP BY {key_list} ORDER BY {key_list}\n"
+        f"    ON CONFLICT ({key_list}) DO UPDATE SET {', '.join(updates)}"
+    )
+
+
+def _with_rollups(source: str) -> str:
+    return ",\n".join(
+        f"rollup_{index} AS (\n    {_upsert(rollup, source)}\n)"
+        for index, rollup in enumerate(ROLLUPS)
+    )
+
+
+# The final events of a batch, staged by COPY: the rows that are new (ON CONFLICT skips the
+# ones already stored, which makes a retried batch a no-op) go into traffic_logs, and only
+# those rows feed the rollups. A connection counts in the minute it started; its bytes, less
+# what interim reports already put into the rollups, in the minute it ended.
+INSERT_EVENTS = f"""
+WITH inserted AS (
+    INSERT INTO traffic_logs ({_EVENT_LIST})
+    SELECT {_EVENT_LIST} FROM {STAGE_TABLE}
+    ON CONFLICT (started_at, event_id) DO NOTHING
+    RETURNING event_id, node_id, started_at, ended_at, source_ip, user_name, domain,
+              registered_domain, status, connect_ms, bytes_in, bytes_out
+),
+progress AS (
+    DELETE FROM connection_progress p USING inserted i
+    WHERE p.event_id = i.event_id
+    RETURNING p.event_id, p.bytes_in, p.bytes_out
+),
+remainder AS (
+    SELECT i.*, greatest(i.bytes_in - coalesce(p.bytes_in, 0), 0) AS rest_in,
+           greatest(i.bytes_out - coalesce(p.bytes_out, 0), 0) AS rest_out
+    FROM inserted i LEFT JOIN progress p ON p.event_id = i.event_id
+),
+facts AS (
+    SELECT date_trunc('minute', started_at) AS bucket, node_id, source_ip, user_name, domain,
+           registered_domain, status, 1 AS connections, 0::bigint AS bytes_in,
+           0::bigint AS bytes_out, connect_ms
+    FROM inserted
+    UNION ALL
+    SELECT date_trunc('minute', ended_at), node_id, source_ip, user_name, domain,
+           registered_domain, status, 0, rest_in, rest_out, NULL
+    FROM remainder WHERE rest_in > 0 OR rest_out > 0
+),
+{_with_rollups("facts")}
+SELECT count(*) FROM inserted
+"""
+
+# Interim reports of open connections: each adds to the rollups the growth of its cumulative
+# counts over the largest already seen (stored in connection_progress, or earlier in the same
+# batch), in the minute of the report. A report for a connection whose final row is already
+# stored is ignored: the final event accounted for all its bytes.
+APPLY_INTERIM = f"""
+WITH reports AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                         $5::inet[], $6::text[], $7::text[], $8::text[], $9::bigint[],
+                         $10::bigint[])
+        AS t(event_id, node_id, started_at, reported_at, source_ip, user_name, domain,
+             registered_domain, bytes_out, bytes_in)
+),
+live AS (
+    SELECT rp.* FROM reports rp
+    WHERE NOT EXISTS (
+        SELECT 1 FROM traffic_logs t
+        WHERE t.started_at = rp.started_at AND t.event_id = rp.event_id
+    )
+),
+previous AS (
+    SELECT p.event_id, p.bytes_in, p.bytes_out FROM connection_progress p
+    WHERE p.event_id IN (SELECT event_id FROM live)
+    FOR UPDATE
+),
+steps AS (
+    SELECT l.*,
+           greatest(coalesce(pv.bytes_in, 0), coalesce(max(l.bytes_in) OVER earlier, 0))
+               AS seen_in,
+           greatest(coalesce(pv.bytes_out, 0), coalesce(max(l.bytes_out) OVER earlier, 0))
+               AS seen_out
+    FROM live l LEFT JOIN previous pv ON pv.event_id = l.event_id
+    WINDOW earlier AS (PARTITION BY l.event_id ORDER BY l.reported_at, l.bytes_in, l.bytes_out
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+),
+saved AS (
+    INSERT INTO connection_progress AS p (event_id, started_at, bytes_in, bytes_out, updated_at)
+    SELECT event_id, min(started_at), max(bytes_in), max(bytes_out), max(reported_at)
+    FROM live GROUP BY event_id ORDER BY event_id
+    ON CONFLICT (event_id) DO UPDATE SET
+        bytes_in = greatest(p.bytes_in, excluded.bytes_in),
+        bytes_out = greatest(p.bytes_out, excluded.bytes_out),
+        updated_at = greatest(p.updated_at, excluded.updated_at)
+),
+facts AS (
+    SELECT date_trunc('minute', reported_at) AS bucket, node_id, source_ip, user_name, domain,
+           registered_domain, 'ok'::text AS status, 0 AS connections,
+           greatest(bytes_in - seen_in, 0) AS bytes_in,
+           greatest(bytes_out - seen_out, 0) AS bytes_out,
+           NULL::double precision AS connect_ms
+    FROM steps WHERE bytes_in > seen_in OR bytes_out > seen_out
+),
+{_with_rollups("facts")}
+SELECT count(*) FROM live
+"""
+
+UPSERT_NODE = """
+INSERT INTO proxy_nodes AS n
+    (node_id, version, started_at, last_seen, policy_version, active_connections)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (node_id) DO UPDATE SET
+    version = excluded.version,
+    started_at = excluded.started_at,
+    last_seen = excluded.last_seen,
+    policy_version = excluded.policy_version,
+    active_connections = excluded.active_connections
+WHERE n.last_seen <= excluded.last_seen
+"""
+
+SELECT_NODES = """
+SELECT node_id, version, started_at, last_seen, policy_version, active_connections,
+       count(*) OVER () AS total
+FROM proxy_nodes ORDER BY node_id LIMIT $1 OFFSET $2
+"""
+
+CREATE_PARTITIONS = "SELECT s5a_create_day_partitions($1::date, $2::date)"
+
+# Daily partitions of our partitioned tables, by the day in their name; `pending` is a
+# partition whose DETACH ... CONCURRENTLY was interrupted and must be finalized.
+LIST_PARTITIONS = """
+SELECT parent.relname AS parent, child.relname AS child,
+       to_date(substring(child.relname from '_p([0-9]{8})$'), 'YYYYMMDD') AS day,
+       i.inhdetachpending AS pending
+FROM pg_inherits i
+JOIN pg_class parent ON parent.oid = i.inhparent
+JOIN pg_class child ON child.oid = i.inhrelid
+WHERE parent.relname = ANY($1::text[])
+  AND parent.relnamespace = to_regnamespace(current_schema())
+  AND child.relname ~ '_p[0-9]{8}$'
+ORDER BY day, parent.relname
+"""
+
+# Tables left detached by a pass that died between DETACH and DROP.
+LIST_ORPHANS = """
+SELECT c.relname AS child,
+       to_date(substring(c.relname from '_p([0-9]{8})$'), 'YYYYMMDD') AS day
+FROM pg_class c
+WHERE c.relkind = 'r' AND NOT c.relispartition
+  AND c.relnamespace = to_regnamespace(current_schema())
+  AND c.relname ~ ('^(' || array_to_string($1::text[], '|') || ')_p[0-9]{8}$')
+"""
+
+PURGE_PROGRESS = "DELETE FROM connection_progress WHERE updated_at < $1"
+PURGE_NODES = "DELETE FROM proxy_nodes WHERE last_seen < $1"

@@ -1,0 +1,851 @@
+"""The repository: the only code that talks to PostgreSQL.
+
+Writes. `insert_batch` takes a batch of final events and interim reports and, in one
+transaction, stores the new events in `traffic_logs` (binary COPY into a session-local
+staging table, then `INSERT ... ON CONFLICT DO NOTHING`) and adds exactly those rows, and
+the interim growth, to the per-minute rollups.
+
+Exactly-once. The idempotency key is the event's own `event_id` (with `started_at`, the
+partition key), not a batch id: a proxy node's spool may replay the same events in other
+batches, and two collectors may both receive one event; a batch-id table would let those
+through twice. A conflicting row is skipped, and since the rollups are fed from the
+`RETURNING` of that same INSERT, a skipped row adds nothing to them. Interim reports carry
+cumulative counts, so a repeated report adds zero.
+
+Reads. Every stats query is answered from a per-minute rollup when the rollup's key covers
+the query's filters (totals: node, status; domains: domain, status; clients: source IP,
+user, status), else from `traffic_logs` through its indexes. The raw fallback counts a
+connection's bytes in the minute it started: only the rollups know when interim bytes
+flowed.
+
+Errors. asyncpg's and the OS's exceptions are caught by class at this boundary and raised
+again as the `errors` module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import math
+import operator
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+
+from socks5_analytics.storage import _sql
+from socks5_analytics.storage.errors import (
+    DatabaseUnavailableError,
+    InvalidBatchError,
+    InvalidQueryError,
+    SchemaMissingError,
+    StorageError,
+    TransientError,
+)
+from socks5_analytics.storage.models import (
+    BatchResult,
+    ClientStat,
+    DomainLatency,
+    DomainStat,
+    HistogramBucket,
+    InterimReport,
+    LatencyStats,
+    LogPage,
+    MaintenanceResult,
+    NodeInfo,
+    NodeReport,
+    Page,
+    RejectedRow,
+    StatsFilter,
+    StatusCount,
+    StoredEvent,
+    TrafficInterval,
+    TrafficPoint,
+    TrafficSeries,
+)
+from socks5_analytics.storage.schema import LATENCY_BUCKETS_MS, PARTITIONED_TABLES
+from socks5_analytics.storage.validation import check_event, check_interim
+
+__all__ = ["Repository"]
+
+_event_record = operator.attrgetter(*_sql.EVENT_COLUMNS)
+_MINUTE = timedelta(minutes=1)
+_INTERVALS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+}
+# date_bin's origin: buckets of every interval start at whole UTC minutes, hours, days.
+_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+_RAW_COLUMN = {
+    "user": "user_name",
+    "source_ip": "source_ip",
+    "domain": "domain",
+    "node": "node_id",
+    "status": "status",
+}
+_FILTER_NAMES = tuple(_RAW_COLUMN)
+
+
+@contextlib.contextmanager
+def _translated() -> Any:
+    """Turn asyncpg's and the OS's exceptions into the storage layer's, by class."""
+    try:
+        yield
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError,
+            asyncpg.UndefinedColumnError) as exc:
+        raise SchemaMissingError(
+            f"the database schema is missing or old ({exc.__class__.__name__}): "
+            "run `socks5-analytics migrate`"
+        ) from exc
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+        constraint = getattr(exc, "constraint_name", None)
+        raise InvalidBatchError(
+            f"the database refused the data ({exc.sqlstate}"
+            f"{', constraint ' + constraint if constraint else ''})",
+            constraint=constraint,
+        ) from exc
+    except asyncpg.QueryCanceledError as exc:
+        raise TransientError("the query was cancelled (statement_timeout)") from exc
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+            asyncpg.LockNotAvailableError) as exc:
+        raise TransientError(f"a lock conflict: {exc.__class__.__name__}") from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+            asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError,
+            asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(f"the database is unavailable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"database error {exc.sqlstate}: {exc}") from exc
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _utc_day(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
+
+
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _floor_minute(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def _ceil_minute(moment: datetime) -> datetime:
+    floored = _floor_minute(moment)
+    return floored if floored == moment else floored + _MINUTE
+
+
+def _encode_cursor(started_at: datetime, event_id: uuid.UUID) -> str:
+    micros = (started_at - _ORIGIN) // timedelta(microseconds=1)
+    raw = f"{micros}:{event_id.hex}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        micros, _, hex_id = raw.partition(":")
+        return _ORIGIN + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
+    except (ValueError, binascii.Error, OverflowError) as exc:
+        raise InvalidQueryError("malformed cursor") from exc
+
+
+class _Where:
+    """Conditions and their `$n` arguments, built up for one query."""
+
+    def __init__(self) -> None:
+        self.conditions: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, template: str, *values: Any) -> None:
+        """Add a condition whose `{}` placeholders become the next `$n`."""
+        numbers = []
+        for value in values:
+            self.args.append(value)
+            numbers.append(f"${len(self.args)}")
+        self.conditions.append(template.format(*numbers))
+
+    def param(self, value: Any) -> str:
+        """Add an argument without a condition; return its `$n`."""
+        self.args.append(value)
+        return f"${len(self.args)}"
+
+    @property
+    def sql(self) -> str:
+        return " AND ".join(self.conditions) or "TRUE"
+
+
+def _active_filters(flt: StatsFilter) -> dict[str, Any]:
+    return {name: getattr(flt, name) for name in _FILTER_NAMES if getattr(flt, name) is not None}
+
+
+def _window(flt: StatsFilter) -> tuple[datetime, datetime]:
+    """The stats window widened to whole minutes, as the rollups count."""
+    if flt.since.utcoffset() is None or flt.until.utcoffset() is None:
+        raise InvalidQueryError("since and until must be timezone-aware")
+    if flt.since > flt.until:
+        raise InvalidQueryError("since is after until")
+    return _floor_minute(flt.since), _ceil_minute(flt.until)
+
+
+def _where(
+    flt: StatsFilter, *, time_column: str, since: datetime, until: datetime
+) -> _Where:
+    where = _Where()
+    where.add(f"{time_column} >= {{}} AND {time_column} < {{}}", since, until)
+    for name, value in _active_filters(flt).items():
+        where.add(f"{_RAW_COLUMN[name]} = {{}}", value)
+    return where
+
+
+def _choose_rollup(
+    flt: StatsFilter, candidates: Iterable[_sql.Rollup]
+) -> _sql.Rollup | None:
+    wanted = set(_active_filters(flt))
+    for rollup in candidates:
+        if wanted <= rollup.filters:
+            return rollup
+    return None
+
+
+def _percentile(
+    histogram: Sequence[int], count: int, fraction: float, max_ms: float | None
+) -> float | None:
+    """The `fraction` quantile, interpolated linearly inside its histogram bucket."""
+    if count == 0:
+        return None
+    rank = fraction * count
+    seen = 0
+    lower = 0.0
+    uppers = [float(bound) for bound in LATENCY_BUCKETS_MS] + [max_ms or math.inf]
+    for in_bucket, upper in zip(histogram, uppers, strict=True):
+        if in_bucket and seen + in_bucket >= rank:
+            upper = min(upper, max_ms) if max_ms is not None else upper
+            lower = min(lower, upper)
+            return lower + (upper - lower) * (rank - seen) / in_bucket
+        seen += in_bucket
+        lower = upper
+    return max_ms
+
+
+def _latency(count: int, total_ms: float, max_ms: float | None,
+             histogram: Sequence[int]) -> LatencyStats:
+    bounds = [float(bound) for bound in LATENCY_BUCKETS_MS] + [math.inf]
+    return LatencyStats(
+        count=count,
+        avg_ms=total_ms / count if count else None,
+        p50_ms=_percentile(histogram, count, 0.50, max_ms),
+        p95_ms=_percentile(histogram, count, 0.95, max_ms),
+        p99_ms=_percentile(histogram, count, 0.99, max_ms),
+        max_ms=max_ms,
+        histogram=tuple(
+            HistogramBucket(le_ms=bound, count=int(n))
+            for bound, n in zip(bounds, histogram, strict=True)
+        ),
+    )
+
+
+def _event_from_row(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(*(row[column] for column in _sql.EVENT_COLUMNS))
+
+
+class Repository:
+    """Typed access to the analytics database over an asyncpg pool.
+
+    Open with `await Repository.open(url=...)` (or `from_settings`) and `await close()` it,
+    or use `async with`. Every method is keyword-only; results are frozen dataclasses.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        retention_days: int = 30,
+        partitions_ahead_days: int = 3,
+    ) -> None:
+        self._pool = pool
+        self.retention_days = retention_days
+        self.partitions_ahead_days = partitions_ahead_days
+        # Days whose partitions we know exist; maintenance and batches keep it current.
+        self._known_days: set[date] = set()
+        self._partition_lock = asyncio.Lock()
+
+    # -- opening and closing --------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        url: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        statement_timeout: float = 30.0,
+        retention_days: int = 30,
+        partitions_ahead_days: int = 3,
+        application_name: str = "socks5-analytics",
+    ) -> Repository:
+        """Open a connection pool to `url` and return a repository over it."""
+        server_settings = {
+            "timezone": "UTC",
+            "application_name": application_name,
+            "statement_timeout": str(int(statement_timeout * 1000)),
+        }
+        with _translated():
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                server_settings=server_settings,
+            )
+        return cls(
+            pool, retention_days=retention_days, partitions_ahead_days=partitions_ahead_days
+        )
+
+    @classmethod
+    async def from_settings(
+        cls, settings: Any, *, url: str | None = None, application_name: str = "socks5-analytics"
+    ) -> Repository:
+        """Open from a `config.DatabaseSettings`; `url` overrides `settings.url`."""
+        dsn = url or settings.url
+        if not dsn:
+            raise StorageError("no database URL (start the embedded server first)")
+        return await cls.open(
+            url=dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            connect_timeout=settings.connect_timeout,
+            statement_timeout=settings.statement_timeout,
+            retention_days=settings.retention_days,
+            partitions_ahead_days=settings.partitions_ahead_days,
+            application_name=application_name,
+        )
+
+    async def close(self) -> None:
+        """Close the pool, waiting for connections in use to be released."""
+        await self._pool.close()
+
+    async def __aenter__(self) -> Repository:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        with _translated():
+            async with self._pool.acquire() as connection:
+                yield connection
+
+    async def ping(self) -> None:
+        """Raise unless the database answers and has the schema (readiness)."""
+        async with self._connection() as connection:
+            await connection.fetchval("SELECT 1 FROM traffic_logs LIMIT 0")
+
+    async def schema_revision(self) -> str | None:
+        """The alembic revision the database is at, None before the first migration."""
+        async with self._connection() as connection:
+            if await connection.fetchval("SELECT to_regclass('alembic_version')") is None:
+                return None
+            revision: str | None = await connection.fetchval(
+                "SELECT version_num FROM alembic_version"
+            )
+            return revision
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _horizon(self, now: datetime) -> tuple[date, date]:
+        today = _utc_day(now)
+        return (today - timedelta(days=self.retention_days),
+                today + timedelta(days=self.partitions_ahead_days))
+
+    async def insert_batch(
+        self,
+        *,
+        events: Sequence[StoredEvent] = (),
+        interims: Sequence[InterimReport] = (),
+        now: datetime | None = None,
+    ) -> BatchResult:
+        """Store a batch exactly once: new events, their rollups and interim byte counts.
+
+        Rows that fail the row checks are set aside (`rejected`, with the reason naming the
+        field) and the rest are written; rows older than the retention are skipped
+        (`expired`); rows stamped after the last day partitions are kept for (clock skew)
+        are rejected. Should the database still refuse the batch, `InvalidBatchError` is
+        raised and nothing of it is written, so the caller can keep it.
+        """
+        now = now or datetime.now(UTC)
+        oldest, newest = self._horizon(now)
+        rejected: list[RejectedRow] = []
+        expired = 0
+        good_events: list[StoredEvent] = []
+        days: set[date] = set()
+        for event in events:
+            reason = check_event(event)
+            if reason is None:
+                first, last = _utc_day(event.started_at), _utc_day(event.ended_at)
+                if first < oldest:
+                    expired += 1
+                    continue
+                if last > newest:
+                    reason = f"ended_at {event.ended_at.isoformat()} is beyond {newest}"
+                else:
+                    days.update((first, last))
+                    good_events.append(event)
+                    continue
+            rejected.append(RejectedRow(event.event_id, "event", reason))
+        good_interims: list[InterimReport] = []
+        for report in interims:
+            reason = check_interim(report)
+            if reason is None:
+                day = _utc_day(report.reported_at)
+                if day < oldest or _utc_day(report.started_at) < oldest:
+                    expired += 1
+                    continue
+                if day > newest:
+                    reason = f"reported_at {report.reported_at.isoformat()} is beyond {newest}"
+                else:
+                    days.add(day)
+                    good_interims.append(report)
+                    continue
+            rejected.append(RejectedRow(report.event_id, "interim", reason))
+
+        await self._ensure_days(days)
+        inserted = interim_applied = 0
+        if good_events or good_interims:
+            async with self._connection() as connection:
+                try:
+                    async with connection.transaction():
+                        if good_interims:
+                            interim_applied = await self._apply_interims(
+                                connection, good_interims
+                            )
+                        if good_events:
+                            await connection.execute(_sql.CREATE_STAGE)
+                            await connection.copy_records_to_table(
+                                _sql.STAGE_TABLE,
+                                records=map(_event_record, good_events),
+                                columns=_sql.EVENT_COLUMNS,
+                            )
+                            inserted = await connection.fetchval(_sql.INSERT_EVENTS)
+                except BaseException:
+                    # A partition dropped meanwhile (another process's retention) must be
+                    # looked up again rather than trusted from the cache.
+                    self._known_days.clear()
+                    raise
+        return BatchResult(
+            inserted=inserted,
+            duplicates=len(good_events) - inserted,
+            interim_applied=interim_applied,
+            expired=expired,
+            rejected=tuple(rejected),
+        )
+
+    @staticmethod
+    async def _apply_interims(
+        connection: asyncpg.Connection, reports: Sequence[InterimReport]
+    ) -> int:
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for report in reports:
+            values = (report.event_id, report.node_id, report.started_at, report.reported_at,
+                      report.source_ip, report.user_name, report.domain,
+                      report.registered_domain, report.bytes_out, report.bytes_in)
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        applied: int = await connection.fetchval(_sql.APPLY_INTERIM, *columns)
+        return applied
+
+    async def upsert_node(self, *, report: NodeReport) -> None:
+        """Record a node's heartbeat; an older report never overwrites a newer one."""
+        async with self._connection() as connection:
+            await connection.execute(
+                _sql.UPSERT_NODE, report.node_id, report.version, report.started_at,
+                report.last_seen, report.policy_version, report.active_connections,
+            )
+
+    # -- partitions and retention ---------------------------------------------------------
+
+    async def _ensure_days(self, days: Iterable[date]) -> None:
+        missing = sorted(set(days) - self._known_days)
+        if not missing:
+            return
+        async with self._partition_lock, self._connection() as connection:
+            for day in missing:
+                if day not in self._known_days:
+                    await connection.fetch(_sql.CREATE_PARTITIONS, day, day)
+                    self._known_days.add(day)
+
+    async def ensure_partitions(self, *, now: datetime | None = None) -> tuple[str, ...]:
+        """Create the partitions of today and the configured days ahead; return new names."""
+        today = _utc_day(now or datetime.now(UTC))
+        last = today + timedelta(days=self.partitions_ahead_days)
+        async with self._partition_lock, self._connection() as connection:
+            rows = await connection.fetch(_sql.CREATE_PARTITIONS, today, last)
+            self._known_days.update(today + timedelta(days=n)
+                                    for n in range(self.partitions_ahead_days + 1))
+        return tuple(row[0] for row in rows)
+
+    async def drop_expired_partitions(self, *, now: datetime | None = None) -> tuple[str, ...]:
+        """Detach (concurrently) and drop every partition older than the retention.
+
+        A partition holds one UTC day; it goes once that whole day is more than
+        `retention_days` days before today. Never a DELETE: readers and writers of the
+        other partitions are not blocked.
+        """
+        oldest, _ = self._horizon(now or datetime.now(UTC))
+        dropped: list[str] = []
+        async with self._partition_lock, self._connection() as connection:
+            rows = await connection.fetch(_sql.LIST_PARTITIONS, list(PARTITIONED_TABLES))
+            for row in rows:
+                if row["day"] >= oldest:
+                    continue
+                parent = _quote_ident(row["parent"])
+                child = _quote_ident(row["child"])
+                mode = "FINALIZE" if row["pending"] else "CONCURRENTLY"
+                # Each statement on its own: DETACH CONCURRENTLY refuses a transaction.
+                await connection.execute(f"ALTER TABLE {parent} DETACH PARTITION {child} {mode}")
+                await connection.execute(f"DROP TABLE {child}")
+                dropped.append(row["child"])
+                self._known_days.discard(row["day"])
+            for row in await connection.fetch(_sql.LIST_ORPHANS, list(PARTITIONED_TABLES)):
+                if row["day"] < oldest:
+                    await connection.execute(
+                        f"DROP TABLE {_quote_ident(row['child'])}"
+                    )
+                    dropped.append(row["child"])
+        return tuple(dropped)
+
+    async def run_maintenance(self, *, now: datetime | None = None) -> MaintenanceResult:
+        """One maintenance pass: partitions ahead, expired partitions, stale progress rows."""
+        now = now or datetime.now(UTC)
+        created = await self.ensure_partitions(now=now)
+        dropped = await self.drop_expired_partitions(now=now)
+        cutoff = _day_start(self._horizon(now)[0])
+        async with self._connection() as connection:
+            progress = await connection.execute(_sql.PURGE_PROGRESS, cutoff)
+            nodes = await connection.execute(_sql.PURGE_NODES, cutoff)
+        return MaintenanceResult(
+            created=created,
+            dropped=dropped,
+            progress_purged=int(progress.split()[-1]),
+            nodes_purged=int(nodes.split()[-1]),
+        )
+
+    # -- stats ----------------------------------------------------------------------------
+
+    async def _fetch(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        async with self._connection() as connection:
+            rows: list[asyncpg.Record] = await connection.fetch(query, *args)
+            return rows
+
+    async def _count_after_end(self, query: str, args: Sequence[Any]) -> int:
+        """The total of a page requested past its end, where the window count is absent."""
+        async with self._connection() as connection:
+            total: int = await connection.fetchval(f"SELECT count(*) FROM ({query}) AS q", *args)
+            return total
+
+    async def top_domains(
+        self,
+        *,
+        flt: StatsFilter,
+        sort: Literal["connections", "bytes"] = "connections",
+        group: Literal["domain", "registered_domain"] = "domain",
+        limit: int = 10,
+        offset: int = 0,
+    ) -> Page[DomainStat]:
+        """Destinations by connections or bytes; connections to IP literals are not here."""
+        since, until = _window(flt)
+        rollup = _choose_rollup(flt, [_sql.DOMAINS])
+        column = "registered_domain" if group == "registered_domain" else "domain"
+        if rollup is not None:
+            where = _where(flt, time_column="bucket", since=since, until=until)
+            measures = ("sum(connections) AS connections, sum(bytes_in) AS bytes_in, "
+                        "sum(bytes_out) AS bytes_out, "
+                        "sum(connect_ms_sum) / nullif(sum(connect_count), 0) AS avg_ms")
+            source = rollup.table
+        else:
+            where = _where(flt, time_column="started_at", since=since, until=until)
+            measures = ("count(*) AS connections, sum(bytes_in) AS bytes_in, "
+                        "sum(bytes_out) AS bytes_out, avg(connect_ms) AS avg_ms")
+            source = "traffic_logs"
+        where.add(f"{column} IS NOT NULL")
+        order = "connections" if sort == "connections" else "bytes_in + bytes_out"
+        grouped = (f"SELECT {column} AS key, {measures} FROM {source} WHERE {where.sql} "
+                   f"GROUP BY {column}")
+        rows, total = await self._page(grouped, where, order, limit, offset)
+        items = tuple(
+            DomainStat(
+                domain=row["key"], connections=int(row["connections"]),
+                bytes_in=int(row["bytes_in"]), bytes_out=int(row["bytes_out"]),
+                bytes_total=int(row["bytes_in"] + row["bytes_out"]),
+                avg_connect_ms=None if row["avg_ms"] is None else float(row["avg_ms"]),
+            )
+            for row in rows
+        )
+        return Page(items=items, total=total, limit=limit, offset=offset)
+
+    async def _page(
+        self, grouped: str, where: _Where, order: str, limit: int, offset: int
+    ) -> tuple[list[asyncpg.Record], int]:
+        limit_param, offset_param = where.param(limit), where.param(offset)
+        query = (f"SELECT *, count(*) OVER () AS total FROM ({grouped}) AS g "
+                 f"ORDER BY {order} DESC, key LIMIT {limit_param} OFFSET {offset_param}")
+        rows = await self._fetch(query, where.args)
+        if rows:
+            return rows, int(rows[0]["total"])
+        if offset == 0:
+            return rows, 0
+        return rows, await self._count_after_end(grouped, where.args[:-2])
+
+    async def _clients(
+        self, *, flt: StatsFilter, by: Literal["source_ip", "user_name"],
+        sort: Literal["connections", "bytes"], limit: int, offset: int,
+    ) -> Page[ClientStat]:
+        since, until = _window(flt)
+        rollup = _choose_rollup(flt, [_sql.CLIENTS])
+        other = "user_name" if by == "source_ip" else "source_ip"
+        # Unauthenticated connections have the user name '': it is no user to count.
+        distinct = ("count(DISTINCT nullif(user_name, ''))" if other == "user_name"
+                    else "count(DISTINCT source_ip)")
+        if rollup is not None:
+            where = _where(flt, time_column="bucket", since=since, until=until)
+            measures = "sum(connections) AS connections"
+            source = rollup.table
+        else:
+            where = _where(flt, time_column="started_at", since=since, until=until)
+            measures = "count(*) AS connections"
+            source = "traffic_logs"
+        grouped = (f"SELECT {by} AS key, {measures}, sum(bytes_in) AS bytes_in, "
+                   f"sum(bytes_out) AS bytes_out, {distinct} AS distinct_count "
+                   f"FROM {source} WHERE {where.sql} GROUP BY {by}")
+        order = "connections" if sort == "connections" else "bytes_in + bytes_out"
+        rows, total = await self._page(grouped, where, order, limit, offset)
+        items = tuple(
+            ClientStat(
+                key=str(row["key"]), connections=int(row["connections"]),
+                bytes_in=int(row["bytes_in"]), bytes_out=int(row["bytes_out"]),
+                bytes_total=int(row["bytes_in"] + row["bytes_out"]),
+                distinct=int(row["distinct_count"]),
+            )
+            for row in rows
+        )
+        return Page(items=items, total=total, limit=limit, offset=offset)
+
+    async def top_source_ips(
+        self, *, flt: StatsFilter, sort: Literal["connections", "bytes"] = "connections",
+        limit: int = 10, offset: int = 0,
+    ) -> Page[ClientStat]:
+        """Client addresses by connections or bytes; `distinct` counts their user names."""
+        return await self._clients(flt=flt, by="source_ip", sort=sort, limit=limit,
+                                   offset=offset)
+
+    async def top_users(
+        self, *, flt: StatsFilter, sort: Literal["connections", "bytes"] = "connections",
+        limit: int = 10, offset: int = 0,
+    ) -> Page[ClientStat]:
+        """Users by connections or bytes (`''` is no authentication); `distinct` counts
+        their source addresses."""
+        return await self._clients(flt=flt, by="user_name", sort=sort, limit=limit,
+                                   offset=offset)
+
+    async def statuses(
+        self, *, flt: StatsFilter, limit: int = 10, offset: int = 0
+    ) -> Page[StatusCount]:
+        """Connections per status, most first."""
+        since, until = _window(flt)
+        rollup = _choose_rollup(flt, _sql.ROLLUPS)
+        if rollup is not None:
+            where = _where(flt, time_column="bucket", since=since, until=until)
+            grouped = (f"SELECT status AS key, sum(connections) AS connections "
+                       f"FROM {rollup.table} WHERE {where.sql} GROUP BY status "
+                       f"HAVING sum(connections) > 0")
+        else:
+            where = _where(flt, time_column="started_at", since=since, until=until)
+            grouped = (f"SELECT status AS key, count(*) AS connections FROM traffic_logs "
+                       f"WHERE {where.sql} GROUP BY status")
+        rows, total = await self._page(grouped, where, "connections", limit, offset)
+        items = tuple(StatusCount(status=row["key"], connections=int(row["connections"]))
+                      for row in rows)
+        return Page(items=items, total=total, limit=limit, offset=offset)
+
+    async def traffic(
+        self, *, flt: StatsFilter, interval: TrafficInterval = "1h", max_points: int = 10_000
+    ) -> TrafficSeries:
+        """Connections and bytes per bucket of `interval`, every bucket of the window."""
+        if interval not in _INTERVALS:
+            raise InvalidQueryError(f"unknown interval {interval!r}")
+        step = _INTERVALS[interval]
+        since, until = _window(flt)
+        if (until - since) / step > max_points:
+            raise InvalidQueryError(
+                f"{interval} buckets over this window exceed {max_points} points"
+            )
+        rollup = _choose_rollup(flt, _sql.ROLLUPS)
+        if rollup is not None:
+            where = _where(flt, time_column="bucket", since=since, until=until)
+            time_column, connections = "bucket", "sum(connections)"
+            source = rollup.table
+        else:
+            where = _where(flt, time_column="started_at", since=since, until=until)
+            time_column, connections = "started_at", "count(*)"
+            source = "traffic_logs"
+        step_p, origin_p = where.param(step), where.param(_ORIGIN)
+        since_p, until_p = where.param(since), where.param(until)
+        query = f"""
+            WITH agg AS (
+                SELECT date_bin({step_p}, {time_column}, {origin_p}) AS ts,
+                       {connections} AS connections, sum(bytes_in) AS bytes_in,
+                       sum(bytes_out) AS bytes_out
+                FROM {source} WHERE {where.sql} GROUP BY 1
+            )
+            SELECT s.ts, coalesce(agg.connections, 0) AS connections,
+                   coalesce(agg.bytes_in, 0) AS bytes_in, coalesce(agg.bytes_out, 0) AS bytes_out
+            FROM generate_series(date_bin({step_p}, {since_p}::timestamptz, {origin_p}),
+                                 {until_p}::timestamptz - interval '1 microsecond',
+                                 {step_p}) AS s(ts)
+            LEFT JOIN agg ON agg.ts = s.ts
+            ORDER BY s.ts
+        """
+        rows = await self._fetch(query, where.args)
+        points = tuple(
+            TrafficPoint(ts=row["ts"], connections=int(row["connections"]),
+                         bytes_in=int(row["bytes_in"]), bytes_out=int(row["bytes_out"]))
+            for row in rows
+        )
+        return TrafficSeries(interval=interval, points=points)
+
+    def _latency_source(self, flt: StatsFilter, candidates: Sequence[_sql.Rollup]) -> tuple[
+        str, _Where, str
+    ]:
+        """FROM, WHERE and the measures (count, sum, max, histogram) for a latency query."""
+        since, until = _window(flt)
+        rollup = _choose_rollup(flt, candidates)
+        if rollup is not None:
+            where = _where(flt, time_column="bucket", since=since, until=until)
+            measures = ("coalesce(sum(connect_count), 0) AS n, "
+                        "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
+                        f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
+            return rollup.table, where, measures
+        where = _where(flt, time_column="started_at", since=since, until=until)
+        measures = ("count(connect_ms) AS n, coalesce(sum(connect_ms), 0) AS total_ms, "
+                    f"max(connect_ms) AS max_ms, {_sql.HISTOGRAM_FROM_RAW_AS}")
+        return "traffic_logs", where, measures
+
+    @staticmethod
+    def _latency_from_row(row: asyncpg.Record, first_bucket: int) -> LatencyStats:
+        histogram = [int(row[first_bucket + index]) for index in range(len(LATENCY_BUCKETS_MS) + 1)]
+        max_ms = None if row["max_ms"] is None else float(row["max_ms"])
+        return _latency(int(row["n"]), float(row["total_ms"]), max_ms, histogram)
+
+    async def latency(self, *, flt: StatsFilter) -> LatencyStats:
+        """Connect latency: count, mean, max exactly; percentiles from histogram buckets."""
+        source, where, measures = self._latency_source(flt, _sql.ROLLUPS)
+        rows = await self._fetch(f"SELECT {measures} FROM {source} WHERE {where.sql}",
+                                 where.args)
+        return self._latency_from_row(rows[0], first_bucket=3)
+
+    async def latency_by_domain(
+        self, *, flt: StatsFilter, limit: int = 10, offset: int = 0
+    ) -> Page[DomainLatency]:
+        """Connect latency per destination domain, the most measured domains first."""
+        source, where, measures = self._latency_source(flt, [_sql.DOMAINS])
+        where.add("domain IS NOT NULL")
+        grouped = (f"SELECT domain AS key, {measures} FROM {source} WHERE {where.sql} "
+                   "GROUP BY domain")
+        rows, total = await self._page(grouped, where, "n", limit, offset)
+        items = tuple(DomainLatency(domain=row["key"],
+                                    latency=self._latency_from_row(row, first_bucket=4))
+                      for row in rows)
+        return Page(items=items, total=total, limit=limit, offset=offset)
+
+    # -- logs -----------------------------------------------------------------------------
+
+    async def count_events(self, *, flt: StatsFilter) -> int:
+        """How many events started in [since, until) and match the filters, exactly.
+
+        Whole minutes come from a rollup whose key covers the filters; the partial minutes
+        at either end, or everything when no rollup covers the filters, from traffic_logs.
+        """
+        _window(flt)  # validates
+        inner_since, inner_until = _ceil_minute(flt.since), _floor_minute(flt.until)
+        rollup = _choose_rollup(flt, _sql.ROLLUPS)
+        if rollup is None or inner_since >= inner_until:
+            return await self._count_raw(flt, flt.since, flt.until)
+        where = _where(flt, time_column="bucket", since=inner_since, until=inner_until)
+        rows = await self._fetch(
+            f"SELECT coalesce(sum(connections), 0) FROM {rollup.table} WHERE {where.sql}",
+            where.args,
+        )
+        middle = int(rows[0][0])
+        head = await self._count_raw(flt, flt.since, inner_since)
+        tail = await self._count_raw(flt, inner_until, flt.until)
+        return head + middle + tail
+
+    async def _count_raw(self, flt: StatsFilter, since: datetime, until: datetime) -> int:
+        if since >= until:
+            return 0
+        where = _where(flt, time_column="started_at", since=since, until=until)
+        rows = await self._fetch(f"SELECT count(*) FROM traffic_logs WHERE {where.sql}",
+                                 where.args)
+        return int(rows[0][0])
+
+    async def logs(
+        self,
+        *,
+        flt: StatsFilter,
+        limit: int = 10,
+        offset: int = 0,
+        cursor: str | None = None,
+        with_total: bool = True,
+    ) -> LogPage:
+        """Raw events that started in [since, until), newest first.
+
+        Page by `offset`, or better by `cursor` (the previous page's `next_cursor`), which
+        stays fast however deep the page and never repeats or skips a row as new rows
+        arrive. `total` counts the whole filtered window (`with_total=False` skips it, -1).
+        """
+        if flt.since.utcoffset() is None or flt.until.utcoffset() is None:
+            raise InvalidQueryError("since and until must be timezone-aware")
+        where = _where(flt, time_column="started_at", since=flt.since, until=flt.until)
+        if cursor is not None:
+            after_time, after_id = _decode_cursor(cursor)
+            where.add("(started_at, event_id) < ({}, {})", after_time, after_id)
+        limit_p, offset_p = where.param(limit), where.param(offset)
+        query = (f"SELECT {', '.join(_sql.EVENT_COLUMNS)} FROM traffic_logs "
+                 f"WHERE {where.sql} ORDER BY started_at DESC, event_id DESC "
+                 f"LIMIT {limit_p} OFFSET {offset_p}")
+        rows = await self._fetch(query, where.args)
+        items = tuple(_event_from_row(row) for row in rows)
+        next_cursor = None
+        if len(items) == limit and items:
+            next_cursor = _encode_cursor(items[-1].started_at, items[-1].event_id)
+        total = await self.count_events(flt=flt) if with_total else -1
+        return LogPage(items=items, total=total, limit=limit, offset=offset,
+                       next_cursor=next_cursor)
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    async def nodes(self, *, limit: int = 100, offset: int = 0) -> Page[NodeInfo]:
+        """The proxy nodes seen, by id, with what each reported last."""
+        rows = await self._fetch(_sql.SELECT_NODES, (limit, offset))
+        items = tuple(
+            NodeInfo(node_id=row["node_id"], version=row["version"],
+                     started_at=row["started_at"], last_seen=row["last_seen"],
+                     policy_version=row["policy_version"],
+                     active_connections=row["active_connections"])
+            for row in rows
+        )
+        total = int(rows[0]["total"]) if rows else 0
+        if not rows and offset:
+            total = int((await self._fetch("SELECT count(*) FROM proxy_nodes", ()))[0][0])
+        return Page(items=items, total=total, limit=limit, offset=offset)
