@@ -39,6 +39,24 @@ def _proxy_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"proxy": proxy} if proxy else {}
 
 
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from socks5_analytics.storage.errors import StorageError
+    from socks5_analytics.storage.migrate import migrate_command
+
+    try:
+        print(migrate_command(settings.database, action=args.action, revision=args.revision))
+    except StorageError as exc:
+        print(f"socks5-analytics migrate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _database_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.database_url is None:
+        return {}
+    return {"database": {"url": args.database_url}}
+
+
 def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     from socks5_analytics.passwords import hash_password
 
@@ -68,6 +86,20 @@ def _build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--listen", metavar="H:P", help="SOCKS5 listen address (127.0.0.1:1080)")
     proxy.add_argument("--policy", metavar="FILE", help="policy file (users, whitelist, limits)")
     proxy.set_defaults(handler=_run_proxy, overrides=_proxy_overrides)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="upgrade (to the newest by default) or downgrade the database schema",
+        description="Without a database URL, migrates the embedded server's database.",
+    )
+    _add_config(migrate)
+    migrate.add_argument("--database-url", metavar="URL", help="postgresql://user@host/db")
+    migrate.add_argument("action", nargs="?", choices=("upgrade", "downgrade"),
+                         default="upgrade", help="upgrade (default) or downgrade")
+    migrate.add_argument("revision", nargs="?", metavar="REV",
+                         help="target revision (upgrade: head by default; downgrade: "
+                         "required, `base` removes the schema)")
+    migrate.set_defaults(handler=_migrate, overrides=_database_overrides)
 
     hashing = commands.add_parser(
         "hash-password", help="read a password on stdin, print its hash for the policy file"

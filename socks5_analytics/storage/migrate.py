@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from socks5_analytics.storage.errors import DatabaseUnavailableError, MigrationError
 
-__all__ = ["downgrade", "head_revision", "run_migration", "script_location", "upgrade"]
+__all__ = [
+    "downgrade",
+    "head_revision",
+    "migrate_command",
+    "run_migration",
+    "script_location",
+    "upgrade",
+]
 
 _SHARE = Path("share") / "socks5-analytics" / "alembic"
 
@@ -91,3 +98,28 @@ async def upgrade(url: str, revision: str = "head") -> None:
 async def downgrade(url: str, revision: str) -> None:
     """Downgrade the database at `url` to `revision` (`base`: no schema at all)."""
     await asyncio.to_thread(run_migration, url, "downgrade", revision)
+
+
+def migrate_command(
+    database: Any,
+    *,
+    action: Literal["upgrade", "downgrade"] = "upgrade",
+    revision: str | None = None,
+) -> str:
+    """What `socks5-analytics migrate` does; returns the line to print.
+
+    `database` is the configuration's `DatabaseSettings`. Without a URL the embedded
+    server is started (created on first use), migrated and stopped again.
+    """
+    if action == "downgrade" and not revision:
+        raise MigrationError("downgrade needs a revision (`base` removes the whole schema)")
+    target = revision or "head"
+    if database.url:
+        run_migration(database.url, action, target)
+        return f"{action} to {target}: done"
+    from socks5_analytics.storage.embedded import EmbeddedPostgres, default_data_dir
+
+    data_dir = database.embedded_data_dir or default_data_dir()
+    with EmbeddedPostgres(data_dir, bin_dir=database.embedded_bin_dir) as server:
+        run_migration(server.dsn, action, target)
+    return f"{action} to {target}: done (embedded server in {data_dir})"
