@@ -36,6 +36,7 @@ _COMMAND_NAMES = {
     Command.UDP_ASSOCIATE: "udp_associate",
 }
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
+_HANDSHAKE_TIMEOUT = "handshake_timeout"
 
 
 class Session:
@@ -67,7 +68,11 @@ class Session:
         try:
             await self._run()
         except asyncio.CancelledError:
-            record.close_reason = self.abort_reason or "shutdown"
+            if self.abort_reason == _HANDSHAKE_TIMEOUT:
+                record.status = "timeout"
+                record.close_reason = "idle_timeout"
+            else:
+                record.close_reason = self.abort_reason or "shutdown"
             self._end()
         except ClientClosed:
             record.close_reason = "client"
@@ -87,20 +92,19 @@ class Session:
         loop = server.loop
         record = self.record
         reader = HandshakeReader(self.sock, loop)
+        # One timer for the whole handshake (cheaper than a timeout context per phase).
+        timer = loop.call_at(loop.time() + settings.handshake_timeout, self.abort,
+                             _HANDSHAKE_TIMEOUT)
         try:
-            async with asyncio.timeout(settings.handshake_timeout):
-                server.rules.check_source(record.source_ip)
-                await negotiate(reader, server.authenticator, record)
-                try:
-                    request = await reader.read(parse_request)
-                except WireError as exc:
-                    await self._reply_failure(reader, exc)
-                    raise
-        except TimeoutError:
-            record.status = "timeout"
-            record.close_reason = "idle_timeout"
-            self._end()
-            return
+            server.rules.check_source(record.source_ip)
+            await negotiate(reader, server.authenticator, record)
+            try:
+                request = await reader.read(parse_request)
+            except WireError as exc:
+                await self._reply_failure(reader, exc)
+                raise
+        finally:
+            timer.cancel()
         record.request_mono = time.monotonic()
         record.command = _COMMAND_NAMES[request.command]
         if request.command == Command.UDP_ASSOCIATE:

@@ -91,7 +91,7 @@ class JsonLinesSink:
             batch = self._swap()
             if batch:
                 lines = "".join(
-                    json.dumps(event.to_json_dict(), separators=(",", ":")) + "\n"
+                    json.dumps(event.to_json_dict()) + "\n"
                     for event in batch
                 )
                 try:

@@ -9,6 +9,7 @@ subclass; nothing here touches a socket.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -265,6 +266,14 @@ def parse_request(data: bytes | bytearray) -> tuple[Request, int] | None:
 
 
 def _encode_address(host: str, port: int) -> bytes:
+    if not 0 <= port <= 65535:
+        raise MalformedMessage(f"port {port} out of range")
+    try:
+        packed = socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    else:
+        return b"\x01" + packed + port.to_bytes(2, "big")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -273,7 +282,7 @@ def _encode_address(host: str, port: int) -> bytes:
         except UnicodeError as exc:
             raise MalformedMessage(f"domain name {host!r} cannot be encoded") from exc
         if b"\x00" in name:
-            raise MalformedMessage("domain name contains a NUL byte")
+            raise MalformedMessage("domain name contains a NUL byte") from None
         if not 0 < len(name) < 256:
             raise MalformedMessage(f"domain name of {len(name)} bytes") from None
         return bytes((AddressType.DOMAINNAME, len(name))) + name + port.to_bytes(2, "big")
