@@ -66,7 +66,7 @@ class UdpAssociation:
     def bound(self) -> tuple[str, int]:
         """BND.ADDR and BND.PORT for the reply."""
         host, port = self.client_sock.getsockname()[:2]
-        return host, port
+        return str(host), int(port)
 
     def start(self) -> None:
         """Begin relaying datagrams."""
