@@ -1,0 +1,193 @@
+"""Batch inserts: exactly once, bad rows set aside, interim byte counts, node heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from ipaddress import IPv6Address
+
+import asyncpg
+from storage_data import NOW, make_event, make_interim
+
+from socks5_analytics.storage import NodeReport, Repository, StatsFilter
+
+TOTALS_SQL = """
+SELECT coalesce(sum(connections), 0), coalesce(sum(bytes_in), 0), coalesce(sum(bytes_out), 0)
+FROM {table}
+"""
+
+
+async def _totals(db: asyncpg.Connection, table: str) -> tuple[int, int, int]:
+    row = await db.fetchrow(TOTALS_SQL.format(table=table))
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+async def _assert_rollups(db: asyncpg.Connection, connections: int, bytes_in: int,
+                          bytes_out: int) -> None:
+    for table in ("rollup_totals", "rollup_clients"):
+        assert await _totals(db, table) == (connections, bytes_in, bytes_out), table
+
+
+async def test_batch_is_stored_with_every_field(repo: Repository, db: asyncpg.Connection) -> None:
+    event = make_event(source_ip=IPv6Address("2001:db8::1"), trace_id="ab" * 16, ttfb_ms=None)
+    result = await repo.insert_batch(events=[event], now=NOW)
+    assert (result.inserted, result.duplicates, result.rejected) == (1, 0, ())
+
+    page = await repo.logs(flt=StatsFilter(since=NOW - timedelta(hours=1), until=NOW))
+    assert page.items == (event,)
+    row = await db.fetchrow("SELECT pg_typeof(source_ip)::text AS t, family(source_ip) AS f "
+                            "FROM traffic_logs")
+    assert (row["t"], row["f"]) == ("inet", 6)
+
+
+async def test_same_batch_twice_is_stored_once(repo: Repository, db: asyncpg.Connection) -> None:
+    events = [make_event(bytes_in=n) for n in range(1, 101)]
+    first = await repo.insert_batch(events=events, now=NOW)
+    second = await repo.insert_batch(events=events, now=NOW)
+
+    assert (first.inserted, first.duplicates) == (100, 0)
+    assert (second.inserted, second.duplicates) == (0, 100)
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 100
+    await _assert_rollups(db, 100, sum(range(1, 101)), 100 * 1_000)
+
+
+async def test_rebatched_events_are_stored_once(repo: Repository, db: asyncpg.Connection) -> None:
+    """A spool replay regroups events into other batches: the key is the event, not the batch."""
+    events = [make_event() for _ in range(10)]
+    await repo.insert_batch(events=events[:6], now=NOW)
+    result = await repo.insert_batch(events=events[3:] + events[3:5], now=NOW)
+    assert (result.inserted, result.duplicates) == (4, 5)
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 10
+    await _assert_rollups(db, 10, 10 * 50_000, 10 * 1_000)
+
+
+async def test_concurrent_copies_of_a_batch_are_stored_once(
+    repo: Repository, db: asyncpg.Connection
+) -> None:
+    """Two collectors write the same batch at once (a retry racing the original)."""
+    events = [make_event() for _ in range(200)]
+    results = await asyncio.gather(*(repo.insert_batch(events=events, now=NOW) for _ in range(3)))
+    assert sum(result.inserted for result in results) == 200
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 200
+    await _assert_rollups(db, 200, 200 * 50_000, 200 * 1_000)
+
+
+async def test_bad_rows_are_set_aside_and_the_rest_is_written(
+    repo: Repository, db: asyncpg.Connection
+) -> None:
+    good = [make_event() for _ in range(3)]
+    bad_status = make_event(status="exploded")
+    bad_bytes = make_event(bytes_in=-5)
+    bad_time = make_event(ended_at=NOW - timedelta(hours=2))
+    bad_latency = make_event(connect_ms=math.nan)
+    batch = [good[0], bad_status, good[1], bad_bytes, bad_time, bad_latency, good[2]]
+
+    result = await repo.insert_batch(events=batch, now=NOW)
+
+    assert result.inserted == 3
+    reasons = {row.event_id: row.reason for row in result.rejected}
+    assert set(reasons) == {bad_status.event_id, bad_bytes.event_id, bad_time.event_id,
+                            bad_latency.event_id}
+    assert "status 'exploded'" in reasons[bad_status.event_id]
+    assert "bytes_in" in reasons[bad_bytes.event_id]
+    assert "ended_at is before started_at" in reasons[bad_time.event_id]
+    assert "connect_ms" in reasons[bad_latency.event_id]
+    stored = {row[0] for row in await db.fetch("SELECT event_id FROM traffic_logs")}
+    assert stored == {event.event_id for event in good}
+    await _assert_rollups(db, 3, 3 * 50_000, 3 * 1_000)
+
+
+async def test_rows_outside_the_kept_days(repo: Repository, db: asyncpg.Connection) -> None:
+    """Older than the retention: skipped. Beyond the partitions ahead (a skewed clock): rejected."""
+    expired = make_event(started_at=NOW - timedelta(days=40))
+    future = make_event(started_at=NOW + timedelta(days=10))
+    late_but_kept = make_event(started_at=NOW - timedelta(days=29))
+    result = await repo.insert_batch(events=[expired, future, late_but_kept], now=NOW)
+    assert (result.inserted, result.expired) == (1, 1)
+    assert [row.event_id for row in result.rejected] == [future.event_id]
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 1
+
+
+async def test_interim_bytes_land_in_the_minutes_they_flowed(
+    repo: Repository, db: asyncpg.Connection
+) -> None:
+    """A 3-minute download reports twice while open; the final row still counts once."""
+    start = NOW.replace(second=0, microsecond=0) - timedelta(minutes=3)
+    event = make_event(started_at=start, ended_at=start + timedelta(minutes=3, seconds=10),
+                       bytes_in=9_000, bytes_out=90)
+    one = make_interim(event, at=start + timedelta(minutes=1, seconds=5), bytes_in=4_000,
+                       bytes_out=40)
+    two = make_interim(event, at=start + timedelta(minutes=2, seconds=5), bytes_in=7_000,
+                       bytes_out=70)
+    assert (await repo.insert_batch(interims=[one], now=NOW)).interim_applied == 1
+    # The same report again, and an older one arriving late, add nothing.
+    await repo.insert_batch(interims=[one, two, one], now=NOW)
+    await repo.insert_batch(events=[event], interims=[two], now=NOW)
+    # A report that arrives after the final row changes nothing either.
+    late = make_interim(event, at=start + timedelta(minutes=2, seconds=50), bytes_in=8_000)
+    assert (await repo.insert_batch(interims=[late], now=NOW)).interim_applied == 0
+
+    rows = await db.fetch("SELECT bucket, connections, bytes_in, bytes_out FROM rollup_totals "
+                          "ORDER BY bucket")
+    minute = timedelta(minutes=1)
+    assert [tuple(row) for row in rows] == [
+        (start, 1, 0, 0),
+        (start + minute, 0, 4_000, 40),
+        (start + 2 * minute, 0, 3_000, 30),
+        (start + 3 * minute, 0, 2_000, 20),
+    ]
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 1
+    assert await db.fetchval("SELECT count(*) FROM connection_progress") == 0
+    series = await repo.traffic(
+        flt=StatsFilter(since=start, until=start + 4 * minute), interval="1m"
+    )
+    assert [point.bytes_in for point in series.points] == [0, 4_000, 3_000, 2_000]
+
+
+async def test_interim_and_final_in_one_batch(repo: Repository, db: asyncpg.Connection) -> None:
+    event = make_event(bytes_in=10_000, bytes_out=0)
+    report = make_interim(event, at=event.started_at + timedelta(seconds=10), bytes_in=6_000)
+    result = await repo.insert_batch(events=[event], interims=[report], now=NOW)
+    assert (result.inserted, result.interim_applied) == (1, 1)
+    await _assert_rollups(db, 1, 10_000, 0)
+
+
+async def test_node_heartbeats_keep_the_newest(repo: Repository) -> None:
+    first = NodeReport(node_id="node-a", version="0.1.0", started_at=NOW - timedelta(hours=1),
+                       last_seen=NOW, policy_version="p1", active_connections=5)
+    await repo.upsert_node(report=first)
+    await repo.upsert_node(report=replace(first, last_seen=NOW + timedelta(seconds=5),
+                                          active_connections=7, policy_version="p2"))
+    await repo.upsert_node(report=replace(first, last_seen=NOW - timedelta(seconds=5),
+                                          active_connections=1))
+    await repo.upsert_node(report=replace(first, node_id="node-b"))
+    page = await repo.nodes()
+    assert page.total == 2
+    assert [(node.node_id, node.active_connections, node.policy_version)
+            for node in page.items] == [("node-a", 7, "p2"), ("node-b", 5, "p1")]
+
+
+async def test_logs_pages_by_cursor_and_offset(repo: Repository) -> None:
+    events = [make_event(started_at=NOW - timedelta(minutes=n, seconds=30)) for n in range(25)]
+    await repo.insert_batch(events=events, now=NOW)
+    flt = StatsFilter(since=NOW - timedelta(hours=1), until=NOW)
+    newest_first = [event.event_id for event in events]
+
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        page = await repo.logs(flt=flt, limit=10, cursor=cursor)
+        assert page.total == 25
+        seen.extend(item.event_id for item in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == newest_first
+
+    by_offset = await repo.logs(flt=flt, limit=10, offset=20)
+    assert [item.event_id for item in by_offset.items] == newest_first[20:]
+    filtered = await repo.logs(flt=replace(flt, user="nobody"))
+    assert (filtered.items, filtered.total) == ((), 0)
