@@ -59,7 +59,7 @@ class UdpAssociation:
         self.outbound: dict[int, socket.socket] = {}
         self.peers: set[tuple[str, int]] = set()
         self.dropped = 0
-        self.closed = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[str] = loop.create_future()
         self.pending: set[asyncio.Task[None]] = set()
 
     @property
