@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
 from proxy_node.errors import ProxyError, outcome_for
@@ -198,8 +198,8 @@ class Session:
             await self._succeed(reader, host, port)
             association.start()
             watcher = server.loop.create_task(_until_closed(reader))
-            await asyncio.wait({watcher, association.closed},
-                               return_when=asyncio.FIRST_COMPLETED)
+            ends: set[asyncio.Future[Any]] = {watcher, association.closed}
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             reason = association.closed.result() if association.closed.done() else "client"
             self.record.close_reason = reason
         finally:
