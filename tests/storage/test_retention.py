@@ -1,0 +1,83 @@
+"""Retention: whole expired days are detached and dropped, every other day is untouched."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+from storage_data import NOW, make_event, make_interim
+
+from socks5_analytics.storage import NodeReport, Repository
+from socks5_analytics.storage.schema import PARTITIONED_TABLES
+
+PARTITIONS_SQL = """
+SELECT child.relname FROM pg_inherits i
+JOIN pg_class parent ON parent.oid = i.inhparent JOIN pg_class child ON child.oid = i.inhrelid
+WHERE parent.relname = $1 ORDER BY 1
+"""
+
+
+async def _partitions(db: asyncpg.Connection, table: str) -> list[str]:
+    return [row[0] for row in await db.fetch(PARTITIONS_SQL, table)]
+
+
+async def test_retention_drops_exactly_the_expired_days(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    repo = await Repository.open(url=database_url, retention_days=2, partitions_ahead_days=1)
+    try:
+        # Five days of traffic, each written on its own day (before it could expire).
+        per_day = {}
+        for back in range(5):
+            moment = NOW - timedelta(days=back)
+            events = [make_event(started_at=moment - timedelta(minutes=n)) for n in range(back + 3)]
+            await repo.insert_batch(events=events, now=moment)
+            per_day[moment.date()] = len(events)
+        # An open connection last heard of on the oldest day, and a node gone as long.
+        old = make_event(started_at=NOW - timedelta(days=4, hours=1))
+        await repo.insert_batch(interims=[make_interim(old, at=old.started_at, bytes_in=5)],
+                                now=NOW - timedelta(days=4))
+        await repo.upsert_node(report=NodeReport(
+            node_id="gone", version="0", started_at=NOW - timedelta(days=5),
+            last_seen=NOW - timedelta(days=4), policy_version="", active_connections=0))
+
+        result = await repo.run_maintenance(now=NOW)
+    finally:
+        await repo.close()
+
+    expired_days = sorted(day for day in per_day if day < NOW.date() - timedelta(days=2))
+    assert len(expired_days) == 2
+    expected_dropped = {f"{table}_p{day:%Y%m%d}" for table in PARTITIONED_TABLES
+                        for day in expired_days}
+    assert set(result.dropped) == expected_dropped
+    assert set(result.created) == {f"{table}_p{NOW + timedelta(days=1):%Y%m%d}"
+                                   for table in PARTITIONED_TABLES}
+    assert (result.progress_purged, result.nodes_purged) == (1, 1)
+    for name in expected_dropped:
+        assert await db.fetchval("SELECT to_regclass($1)", name) is None
+    kept = {day: count for day, count in per_day.items() if day not in expired_days}
+    rows = dict(await db.fetch(
+        "SELECT (started_at AT TIME ZONE 'UTC')::date, count(*) FROM traffic_logs GROUP BY 1"
+    ))
+    assert rows == kept
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_totals") == sum(kept.values())
+    for table in PARTITIONED_TABLES:
+        days = [name.rsplit("_p", 1)[1] for name in await _partitions(db, table)]
+        assert days == sorted(f"{NOW + timedelta(days=n):%Y%m%d}" for n in range(-2, 2))
+
+
+async def test_an_interrupted_pass_is_finished(database_url: str, db: asyncpg.Connection) -> None:
+    """A partition left detached but not dropped (a crash between the two) is dropped next."""
+    repo = await Repository.open(url=database_url, retention_days=2)
+    try:
+        old = NOW - timedelta(days=5)
+        await repo.insert_batch(events=[make_event(started_at=old)], now=old)
+        orphan = f"traffic_logs_p{old:%Y%m%d}"
+        await db.execute(f"ALTER TABLE traffic_logs DETACH PARTITION {orphan}")
+        result = await repo.drop_expired_partitions(now=NOW)
+        assert orphan in result
+        assert await db.fetchval("SELECT to_regclass($1)", orphan) is None
+        # A second pass has nothing left to do.
+        assert await repo.drop_expired_partitions(now=NOW) == ()
+    finally:
+        await repo.close()
