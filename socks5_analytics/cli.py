@@ -39,6 +39,19 @@ def _proxy_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"proxy": proxy} if proxy else {}
 
 
+def _run_collector(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.main import run
+
+    return run(settings)
+
+
+def _collector_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _database_overrides(args)
+    if args.listen is not None:
+        overrides["collector"] = {"listen": args.listen}
+    return overrides
+
+
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from socks5_analytics.storage.errors import StorageError
     from socks5_analytics.storage.migrate import migrate_command
@@ -86,6 +99,17 @@ def _build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--listen", metavar="H:P", help="SOCKS5 listen address (127.0.0.1:1080)")
     proxy.add_argument("--policy", metavar="FILE", help="policy file (users, whitelist, limits)")
     proxy.set_defaults(handler=_run_proxy, overrides=_proxy_overrides)
+
+    collector = commands.add_parser(
+        "collector",
+        help="run the gRPC collector that stores the proxies' events in PostgreSQL",
+        description="Without a database URL, uses the embedded server's database.",
+    )
+    _add_config(collector)
+    collector.add_argument("--listen", metavar="H:P",
+                           help="gRPC listen address (127.0.0.1:50051)")
+    collector.add_argument("--database-url", metavar="URL", help="postgresql://user@host/db")
+    collector.set_defaults(handler=_run_collector, overrides=_collector_overrides)
 
     migrate = commands.add_parser(
         "migrate",

@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 __all__ = [
     "Address",
+    "CollectorSettings",
     "ConfigError",
     "DatabaseSettings",
     "EventSinkSettings",
@@ -156,6 +157,48 @@ class DatabaseSettings(_Section):
         return self
 
 
+class CollectorSettings(_Section):
+    """The gRPC collector: where it listens, how it batches, how it pushes back."""
+
+    # gRPC listen address; loopback locally, 0.0.0.0:50051 in containers
+    listen: Address = ("127.0.0.1", 50051)
+    # a database write is started at this many events, or `batch_max_delay` after the first
+    batch_max_events: int = Field(default=5000, ge=1, le=1_000_000)
+    batch_max_delay: Seconds = 0.05
+    # events received but not yet committed, all streams together; a full queue stops reading
+    queue_max_events: int = Field(default=50_000, ge=1, le=10_000_000)
+    # batches of one stream received but not yet answered; more: the stream stops reading
+    stream_max_pending: int = Field(default=16, ge=1, le=10_000)
+    # concurrent database writes (transactions)
+    workers: int = Field(default=2, ge=1, le=64)
+    # the largest gRPC message accepted (bytes); larger: RESOURCE_EXHAUSTED
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # the most events plus interim reports in one Batch; more: RESOURCE_EXHAUSTED
+    max_batch_items: int = Field(default=10_000, ge=1, le=1_000_000)
+    # seconds a new stream has to send its Hello; later: DEADLINE_EXCEEDED
+    hello_timeout: Seconds = 10.0
+    # seconds between writes of the nodes' heartbeats (the latest per node) to proxy_nodes
+    nodes_flush_interval: Seconds = 2.0
+    # seconds between HTTP/2 pings on an idle connection, and to wait for their answer
+    keepalive_time: Seconds = 30.0
+    keepalive_timeout: Seconds = 10.0
+    # retry of a write while the database is down: first and longest pause (seconds)
+    retry_initial_backoff: Seconds = 0.1
+    retry_max_backoff: Seconds = 5.0
+    # an event stamped further ahead of the collector's clock (seconds) is rejected
+    max_clock_skew: Seconds = 300.0
+    # registered_domain also honours the PSL's private section (github.io, s3.amazonaws.com)
+    psl_private_domains: bool = False
+    # seconds SIGTERM gives queued batches to commit and be acked before streams are closed
+    shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> CollectorSettings:
+        if self.retry_initial_backoff > self.retry_max_backoff:
+            raise ValueError("retry_initial_backoff must not exceed retry_max_backoff")
+        return self
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "s5a_config_file", default=None
 )
@@ -203,6 +246,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     proxy: ProxySettings = ProxySettings()
     database: DatabaseSettings = DatabaseSettings()
+    collector: CollectorSettings = CollectorSettings()
 
     @classmethod
     def settings_customise_sources(
