@@ -191,13 +191,10 @@ class EmbeddedPostgres:
     def _run(self, tool: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin_dir / tool), *args]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
-        identity: dict[str, object] = {}
+        user = group = None
+        extra_groups: list[int] | None = None
         if self._account is not None:
-            identity = {
-                "user": self._account.pw_uid,
-                "group": self._account.pw_gid,
-                "extra_groups": [],
-            }
+            user, group, extra_groups = self._account.pw_uid, self._account.pw_gid, []
             env["HOME"] = str(self.data_dir)
         try:
             return subprocess.run(
@@ -208,7 +205,9 @@ class EmbeddedPostgres:
                 cwd=self.data_dir,
                 timeout=timeout,
                 check=False,
-                **identity,  # type: ignore[arg-type]
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise EmbeddedServerError(f"cannot run {command[0]}: {exc}") from exc
