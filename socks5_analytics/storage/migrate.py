@@ -9,7 +9,9 @@ worker thread and can be awaited from a running loop.
 from __future__ import annotations
 
 import asyncio
+import site
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +33,9 @@ def script_location() -> Path:
     """The folder of alembic's env.py and versions/."""
     candidates = [
         Path(__file__).resolve().parents[2] / "alembic",  # a source checkout
-        Path(sys.prefix) / _SHARE,  # an installed wheel
+        Path(sysconfig.get_path("data")) / _SHARE,  # a wheel installed in this environment
+        Path(sys.prefix) / _SHARE,
+        Path(site.getuserbase()) / _SHARE,  # pip install --user
     ]
     for candidate in candidates:
         if (candidate / "env.py").is_file():
