@@ -1,0 +1,1 @@
+"""SOCKS5 benchmark harness: peers (Dante, microsocks, pproxy) versus our proxy."""
