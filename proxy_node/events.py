@@ -12,7 +12,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-__all__ = ["CLOSE_REASONS", "STATUSES", "ConnectionEvent", "ConnectionRecord", "uuid7"]
+__all__ = [
+    "CLOSE_REASONS",
+    "STATUSES",
+    "ConnectionEvent",
+    "ConnectionRecord",
+    "InterimSample",
+    "uuid7",
+]
 
 STATUSES = frozenset(
     {"ok", "auth_failed", "denied_whitelist", "denied_destination", "rate_limited",
@@ -77,14 +84,44 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
+class InterimSample(NamedTuple):
+    """Cumulative bytes of a connection still open (DESIGN.md: interim byte counts)."""
+
+    event_id: uuid.UUID
+    started_at: datetime
+    reported_at: datetime
+    source_ip: str
+    user: str
+    domain: str | None
+    bytes_out: int
+    bytes_in: int
+
+
 class ConnectionRecord:
     """The mutable state of one session's event, filled in as the session goes."""
 
     __slots__ = (
-        "accepted_mono", "bytes_in", "bytes_out", "close_reason", "command", "connected_mono",
-        "dest_host", "dest_ip", "dest_port", "domain", "first_byte_mono", "protocol",
-        "replied_mono", "reply_code", "request_mono", "source_ip", "source_port",
-        "started_wall_us", "status", "user",
+        "accepted_mono",
+        "bytes_in",
+        "bytes_out",
+        "close_reason",
+        "command",
+        "connected_mono",
+        "dest_host",
+        "dest_ip",
+        "dest_port",
+        "domain",
+        "event_id",
+        "first_byte_mono",
+        "protocol",
+        "replied_mono",
+        "reply_code",
+        "request_mono",
+        "source_ip",
+        "source_port",
+        "started_wall_us",
+        "status",
+        "user",
     )
 
     def __init__(self, source_ip: str, source_port: int, accepted_mono: float) -> None:
@@ -108,6 +145,27 @@ class ConnectionRecord:
         self.first_byte_mono: float | None = None
         self.bytes_out = 0
         self.bytes_in = 0
+        self.event_id: uuid.UUID | None = None
+
+    @property
+    def started_at(self) -> datetime:
+        """When the connection was accepted."""
+        return _EPOCH + timedelta(microseconds=self.started_wall_us)
+
+    def interim(self, bytes_out: int, bytes_in: int) -> InterimSample:
+        """A sample of this open connection's cumulative bytes, taken now."""
+        if self.event_id is None:
+            self.event_id = uuid7(self.started_wall_us // 1000)
+        return InterimSample(
+            event_id=self.event_id,
+            started_at=self.started_at,
+            reported_at=datetime.now(UTC),
+            source_ip=self.source_ip,
+            user=self.user,
+            domain=self.domain,
+            bytes_out=bytes_out,
+            bytes_in=bytes_in,
+        )
 
     def finish(self, *, node_id: str, now_mono: float) -> ConnectionEvent:
         """Freeze the record into the event the sink receives."""
@@ -119,7 +177,7 @@ class ConnectionRecord:
         if self.replied_mono is not None and self.first_byte_mono is not None:
             ttfb_ms = round(max(0.0, self.first_byte_mono - self.replied_mono) * 1000.0, 3)
         return ConnectionEvent(
-            event_id=uuid7(self.started_wall_us // 1000),
+            event_id=self.event_id or uuid7(self.started_wall_us // 1000),
             node_id=node_id,
             started_at=started,
             ended_at=started + timedelta(microseconds=int(duration_ms * 1000)),

@@ -12,9 +12,12 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from proxy_node.auth import PolicyAuthenticator
+from proxy_node.exporter import GrpcExporter, NodeIdentity, new_boot_id
 from proxy_node.policy import PolicyError, load_policy
 from proxy_node.resolver import CachingResolver
 from proxy_node.rules import PermitAll
@@ -29,10 +32,18 @@ __all__ = ["run"]
 log = get_logger("proxy_node")
 
 
-def _make_sink(settings: Settings) -> EventSink:
+def _make_sink(settings: Settings, status: Callable[[], tuple[int, str]]) -> EventSink:
     events = settings.proxy.events
-    if events.sink == "none":
+    if events.kind == "none":
         return NullSink()
+    if events.kind == "grpc":
+        identity = NodeIdentity(
+            node_id=settings.node_id,
+            version=__version__,
+            boot_id=new_boot_id(),
+            started_at=datetime.now(UTC),
+        )
+        return GrpcExporter(events, identity=identity, status=status, log=log)
     return JsonLinesSink(events.path, capacity=events.buffer_events,
                          flush_interval=events.flush_interval)
 
@@ -51,6 +62,12 @@ def _raise_fd_limit() -> None:
 
 async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
                  ready: Any = None) -> int:
+    if worker > 0:  # each worker process keeps its own spool
+        events = settings.proxy.events
+        events = events.model_copy(update={"spool_dir": events.spool_dir / f"worker-{worker}"})
+        settings = settings.model_copy(
+            update={"proxy": settings.proxy.model_copy(update={"events": events})}
+        )
     proxy = settings.proxy
     try:
         policy = load_policy(proxy.policy_file)
@@ -61,7 +78,16 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         if getattr(policy, key):
             log.warning("policy key is not enforced by this version", key=key)
     authenticator = PolicyAuthenticator(policy)
-    sink = _make_sink(settings)
+    loop = asyncio.get_running_loop()
+    current = {"policy": policy}
+    server: ProxyServer | None = None
+
+    def status() -> tuple[int, str]:
+        active = server.active_connections if server is not None else 0
+        return active, current["policy"].version
+
+    sink = _make_sink(settings, status)
+    await sink.start()
     server = ProxyServer(
         proxy,
         node_id=settings.node_id,
@@ -75,8 +101,8 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     host, port = proxy.listen
     listener = open_listening_socket(host, port, reuse_port=reuse_port)
     bound = server.serve(listener)
+    interims = loop.create_task(server.report_interims(proxy.events.interim_interval))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def reload_policy() -> None:
         try:
@@ -85,6 +111,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
             log.error("policy reload failed; keeping the current policy", error=str(exc))
             return
         authenticator.update(new)
+        current["policy"] = new
         log.info("policy reloaded", policy_version=new.version, users=len(new.users))
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -101,7 +128,8 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         log.info("shutting down", active_connections=server.active_connections)
         await server.shutdown(proxy.shutdown_grace)
     finally:
-        await loop.run_in_executor(None, sink.close)
+        interims.cancel()
+        await sink.close()
     log.info("stopped", events_dropped=sink.dropped)
     return 0
 

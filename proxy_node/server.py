@@ -139,6 +139,17 @@ class ProxyServer:
         if self._listener is not None:
             self.loop.add_reader(self._listener.fileno(), self._on_accept)
 
+    async def report_interims(self, interval: float) -> None:
+        """Every `interval`, the byte counts of connections open longer than that."""
+        while True:
+            await asyncio.sleep(interval)
+            horizon = time.monotonic() - interval
+            for session in list(self.sessions):
+                if session.record.accepted_mono <= horizon:
+                    sample = session.interim_sample()
+                    if sample is not None:
+                        self.sink.emit_interim(sample)
+
     def session_ended(self, session: Session) -> None:
         """Emit the session's event and forget it."""
         self.sessions.discard(session)

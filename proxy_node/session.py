@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
 from proxy_node.errors import ProxyError, outcome_for
-from proxy_node.events import ConnectionRecord
+from proxy_node.events import ConnectionRecord, InterimSample
 from proxy_node.handshake import (
     AuthFailed,
     ClientClosed,
@@ -53,6 +53,17 @@ class Session:
         self.relay: TcpRelay | None = None
         self.abort_reason: str | None = None
         self.ended = False
+
+    def interim_sample(self) -> InterimSample | None:
+        """Cumulative bytes so far, for a session that is relaying; None otherwise."""
+        record = self.record
+        if record.status != "ok" or self.ended:
+            return None
+        relay = self.relay
+        if relay is not None:
+            return record.interim(record.bytes_out + relay.up.count,
+                                  record.bytes_in + relay.down.count)
+        return record.interim(record.bytes_out, record.bytes_in)
 
     def abort(self, reason: str) -> None:
         """End the session now (shutdown, revocation), whatever phase it is in."""

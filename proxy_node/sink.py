@@ -7,6 +7,7 @@ file, never a proxied byte.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -15,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
-from proxy_node.events import ConnectionEvent
+from proxy_node.events import ConnectionEvent, InterimSample
 from socks5_analytics.logs import get_logger
 
 __all__ = ["EventSink", "JsonLinesSink", "NullSink"]
@@ -31,8 +32,14 @@ class EventSink(Protocol):
     def emit(self, event: ConnectionEvent) -> None:
         """Take the event without waiting; drop (and count) it when full."""
 
-    def close(self) -> None:
-        """Flush what is buffered and release resources."""
+    def emit_interim(self, sample: InterimSample) -> None:
+        """Take an open connection's byte counts without waiting."""
+
+    async def start(self) -> None:
+        """Begin delivering."""
+
+    async def close(self) -> None:
+        """Deliver or persist what is buffered, then release resources."""
 
 
 class NullSink:
@@ -43,7 +50,13 @@ class NullSink:
     def emit(self, event: ConnectionEvent) -> None:
         """Discard the event."""
 
-    def close(self) -> None:
+    def emit_interim(self, sample: InterimSample) -> None:
+        """Discard the sample."""
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def close(self) -> None:
         """Nothing to flush."""
 
 
@@ -73,8 +86,17 @@ class JsonLinesSink:
             return
         buffer.append(event)
 
-    def close(self) -> None:
+    def emit_interim(self, sample: InterimSample) -> None:
+        """Interim counts feed the collectors' rollups; the file keeps one line per connection."""
+
+    async def start(self) -> None:
+        """The writer thread runs from construction."""
+
+    async def close(self) -> None:
         """Write what is buffered, then stop the writer thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self._stop)
+
+    def _stop(self) -> None:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)

@@ -36,6 +36,8 @@ def _proxy_overrides(args: argparse.Namespace) -> dict[str, Any]:
         proxy["listen"] = args.listen
     if args.policy is not None:
         proxy["policy_file"] = args.policy
+    if args.collector is not None:
+        proxy["events"] = {"collectors": args.collector}
     return {"proxy": proxy} if proxy else {}
 
 
@@ -98,6 +100,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config(proxy)
     proxy.add_argument("--listen", metavar="H:P", help="SOCKS5 listen address (127.0.0.1:1080)")
     proxy.add_argument("--policy", metavar="FILE", help="policy file (users, whitelist, limits)")
+    proxy.add_argument("--collector", metavar="H:P[,H:P...]",
+                       help="collector addresses; events stream there over gRPC")
     proxy.set_defaults(handler=_run_proxy, overrides=_proxy_overrides)
 
     collector = commands.add_parser(

@@ -20,7 +20,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -32,7 +34,7 @@ from pydantic_settings import (
 
 __all__ = [
     "Address",
-    "CollectorSettings",
+    "ApiSettings",
     "ConfigError",
     "DatabaseSettings",
     "EventSinkSettings",
@@ -102,12 +104,45 @@ class LogSettings(_Section):
 
 
 class EventSinkSettings(_Section):
-    """Where a proxy node sends its connection events."""
+    """Where a proxy node sends its connection events, and how."""
 
-    sink: Literal["jsonl", "none"] = "jsonl"
+    sink: Literal["auto", "grpc", "jsonl", "none"] = "auto"
+    # NoDecode: S5A_PROXY__EVENTS__COLLECTORS=a:50051,b:50051 is a comma-separated list.
+    collectors: Annotated[list[Address], NoDecode] = Field(default_factory=list)
     path: Path = Path("var/events.jsonl")
     buffer_events: int = Field(default=100_000, ge=1, le=10_000_000)
     flush_interval: Seconds = 0.2
+    batch_max_events: int = Field(default=500, ge=1, le=100_000)
+    max_inflight_batches: int = Field(default=8, ge=1, le=1024)
+    spool_dir: Path = Path("var/spool")
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    spool_fsync: Literal["always", "interval", "never"] = "interval"
+    spool_fsync_interval: Seconds = 1.0
+    heartbeat_interval: Seconds = 5.0
+    interim_interval: Seconds = 60.0
+    backoff_initial: Seconds = 0.1
+    backoff_max: Seconds = 10.0
+    drain_timeout: float = Field(default=5.0, ge=0, le=600)
+
+    @field_validator("collectors", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @model_validator(mode="after")
+    def _grpc_needs_collectors(self) -> EventSinkSettings:
+        if self.sink == "grpc" and not self.collectors:
+            raise ValueError("sink grpc needs at least one address in collectors")
+        return self
+
+    @property
+    def kind(self) -> Literal["grpc", "jsonl", "none"]:
+        """The sink in effect: `auto` streams to collectors when any are configured."""
+        if self.sink == "auto":
+            return "grpc" if self.collectors else "jsonl"
+        return self.sink
 
 
 class ProxySettings(_Section):
@@ -155,6 +190,31 @@ class DatabaseSettings(_Section):
         if self.pool_min_size > self.pool_max_size:
             raise ValueError("pool_min_size must not exceed pool_max_size")
         return self
+
+
+def _origins(value: Any) -> Any:
+    # S5A_API__CORS_ORIGINS=https://a.example,https://b.example: a comma-separated text.
+    if isinstance(value, str):
+        return [origin.strip() for origin in value.split(",") if origin.strip()]
+    return value
+
+
+class ApiSettings(_Section):
+    """The stats API and the dashboard (`socks5-analytics api`)."""
+
+    listen: Address = ("127.0.0.1", 8080)
+    # Bearer token every route but /healthz, /readyz and /metrics then requires; none: open
+    token: SecretStr | None = Field(default=None, min_length=16)
+    # Origins allowed to call the API from a browser (CORS); empty: CORS off
+    cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_origins)] = []
+    # Largest request (headers and body) in bytes; the API only takes GET requests
+    max_request_size: int = Field(default=65_536, ge=1_024, le=16 * 1_048_576)
+    # Seconds to receive a whole request; seconds to answer one
+    request_timeout: Seconds = 30.0
+    response_timeout: Seconds = 60.0
+    keep_alive_timeout: Seconds = 5.0
+    # Most points one /stats/traffic answer may have
+    max_points: int = Field(default=10_000, ge=10, le=1_000_000)
 
 
 class CollectorSettings(_Section):
@@ -247,6 +307,7 @@ class Settings(BaseSettings):
     proxy: ProxySettings = ProxySettings()
     database: DatabaseSettings = DatabaseSettings()
     collector: CollectorSettings = CollectorSettings()
+    api: ApiSettings = ApiSettings()
 
     @classmethod
     def settings_customise_sources(

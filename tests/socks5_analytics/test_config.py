@@ -62,7 +62,7 @@ def test_defaults() -> None:
     assert proxy.shutdown_grace == 30.0
     assert proxy.relay == "auto"
     assert proxy.events == EventSinkSettings(
-        sink="jsonl", path=Path("var/events.jsonl"), buffer_events=100_000, flush_interval=0.2
+        sink="auto", path=Path("var/events.jsonl"), buffer_events=100_000, flush_interval=0.2
     )
 
 

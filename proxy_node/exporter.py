@@ -1,0 +1,399 @@
+"""The gRPC event exporter: the proxy's events to the collectors, with nothing lost.
+
+`emit()` is a non-waiting append to a bounded in-memory buffer (never blocking the relay).
+A batcher turns the buffer into serialized batches every `flush_interval` or every
+`batch_max_events`. A batch goes straight to the stream while the collector keeps up;
+otherwise (collector slow or down, or older batches already spooled) it goes to the disk
+spool, which is replayed in order once the collector is back. Sent batches stay in memory
+until the collector acknowledges their commit and are resent on the next stream after a
+reconnect; event ids make resending harmless. Collector addresses are tried in turn, with
+exponential backoff and jitter. On shutdown the exporter drains what it can within
+`drain_timeout` and spools the rest for the next start. What is dropped when even the
+spool is full is counted and logged once per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from proxy_node.convert import event_to_proto, interim_to_proto, timestamp
+from proxy_node.events import ConnectionEvent, InterimSample
+from proxy_node.spool import Spool, SpoolPosition
+from socks5_analytics.config import EventSinkSettings, format_address
+from socks5_analytics.stubs.traffic.v1 import ingest_pb2 as ingest
+
+__all__ = ["GrpcExporter", "NodeIdentity", "encode_batch_request"]
+
+_METHOD = "/traffic.v1.IngestService/Stream"
+_DROP_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """What the Hello says about this node."""
+
+    node_id: str
+    version: str
+    boot_id: bytes
+    started_at: datetime
+
+
+@dataclass(slots=True)
+class _Batch:
+    payload: bytes  # a serialized traffic.v1.Batch without its sequence number
+    events: int
+    position: SpoolPosition | None  # where it ends in the spool, if it came from there
+    sequence: int = 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_batch_request(payload: bytes, sequence: int) -> bytes:
+    """An IngestRequest{batch} from a spooled Batch body, without re-parsing it.
+
+    Protobuf fields may come in any order, so `sequence` (field 1, varint) is prepended to
+    the stored body, and the result is wrapped as field 2 (length-delimited) of the request.
+    """
+    body = b"\x08" + _varint(sequence) + payload
+    return b"\x12" + _varint(len(body)) + body
+
+
+class _StreamBroken(Exception):
+    """The stream ended or misbehaved; reconnect."""
+
+
+class GrpcExporter:
+    """An EventSink that streams batches to collectors over gRPC."""
+
+    def __init__(
+        self,
+        settings: EventSinkSettings,
+        *,
+        identity: NodeIdentity,
+        status: Callable[[], tuple[int, str]],
+        log: Any,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.status = status  # () -> (active connections, policy version)
+        self.log = log
+        self.targets = [format_address(host, port) for host, port in settings.collectors]
+        self.dropped = 0
+        self.rejected = 0
+        self.delivered = 0
+        self._events: deque[ConnectionEvent] = deque()
+        self._interims: deque[InterimSample] = deque()
+        self._ready: deque[_Batch] = deque()  # batched in memory, not yet sent
+        self._inflight: deque[_Batch] = deque()  # sent, waiting for the collector's answer
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._spool: Spool | None = None
+        self._spool_unread = False
+        self._wake_batcher = asyncio.Event()
+        self._work = asyncio.Event()  # something to send
+        self._window = asyncio.Event()  # room in the in-flight window
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_drop_log = 0.0
+        self._reported_dropped = 0
+        self.connected = False
+
+    # -- the sink interface (called on the loop, must never wait) ----------------------------
+
+    def emit(self, event: ConnectionEvent) -> None:
+        """Buffer a finished connection's event; drop and count it when the buffer is full."""
+        if len(self._events) + len(self._interims) >= self.settings.buffer_events:
+            self.dropped += 1
+            return
+        self._events.append(event)
+        if len(self._events) >= self.settings.batch_max_events:
+            self._wake_batcher.set()
+
+    def emit_interim(self, sample: InterimSample) -> None:
+        """Buffer an open connection's byte counts."""
+        if len(self._events) + len(self._interims) >= self.settings.buffer_events:
+            self.dropped += 1
+            return
+        self._interims.append(sample)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the spool (replaying what a previous run left) and start delivering."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        self._spool = await loop.run_in_executor(self._io, lambda: Spool(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            fsync=settings.spool_fsync,
+            fsync_interval=settings.spool_fsync_interval,
+        ))
+        self._spool_unread = await self._in_io(self._spool.has_unread)
+        if self._spool_unread:
+            self.log.info("replaying spooled events", spool_bytes=self._spool.size)
+            self._work.set()
+        self._tasks = [
+            loop.create_task(self._batcher(), name="exporter-batcher"),
+            loop.create_task(self._deliver(), name="exporter-deliver"),
+            loop.create_task(self._sync_spool(), name="exporter-spool-sync"),
+        ]
+
+    async def close(self) -> None:
+        """Deliver what can be delivered within `drain_timeout`, spool the rest, stop."""
+        self._closing = True
+        self._flush_memory()
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while (self._ready or self._inflight or self._spool_unread) and self.connected:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        leftovers = [b for b in (*self._inflight, *self._ready) if b.position is None]
+        for batch in leftovers:
+            await self._spool_batch(batch)
+        if self._spool is not None:
+            await self._in_io(self._spool.close)
+        self._io.shutdown(wait=True)
+        if self.dropped != self._reported_dropped:
+            self.log.warning("events dropped", dropped_total=self.dropped)
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _take_batch(self) -> _Batch | None:
+        limit = self.settings.batch_max_events
+        events, interims = self._events, self._interims
+        if not events and not interims:
+            return None
+        batch = ingest.Batch()
+        count = 0
+        while events and count < limit:
+            batch.events.append(event_to_proto(events.popleft()))
+            count += 1
+        while interims and count < limit:
+            batch.interims.append(interim_to_proto(interims.popleft()))
+            count += 1
+        return _Batch(batch.SerializeToString(), count, None)
+
+    def _flush_memory(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            self._ready.append(batch)
+        self._work.set()
+
+    async def _batcher(self) -> None:
+        interval = self.settings.flush_interval
+        while True:
+            try:
+                await asyncio.wait_for(self._wake_batcher.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self._wake_batcher.clear()
+            while (batch := self._take_batch()) is not None:
+                await self._route(batch)
+
+    async def _route(self, batch: _Batch) -> None:
+        """Keep a batch in memory while the collector keeps up; otherwise spool it."""
+        room = self.settings.max_inflight_batches
+        if self.connected and not self._spool_unread and len(self._ready) < room:
+            self._ready.append(batch)
+            self._work.set()
+        else:
+            await self._spool_batch(batch)
+
+    async def _spool_batch(self, batch: _Batch) -> None:
+        spool = self._spool
+        if spool is None or not await self._in_io(spool.append, batch.payload):
+            self._count_dropped(batch.events)
+            return
+        self._spool_unread = True
+        self._work.set()
+
+    def _count_dropped(self, count: int) -> None:
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
+            self._last_drop_log = now
+            self.log.error("events dropped: spool full", dropped_total=self.dropped,
+                           dropped_since=self.dropped - self._reported_dropped,
+                           spool_max_bytes=self.settings.spool_max_bytes)
+            self._reported_dropped = self.dropped
+
+    async def _sync_spool(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.spool_fsync_interval)
+            if self._spool is not None:
+                await self._in_io(self._spool.sync)
+
+    async def _in_io(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, function, *args)
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def _next_batch(self) -> _Batch | None:
+        """The next batch to send: spooled ones first (they are older), then memory."""
+        if self._spool_unread and self._spool is not None:
+            record = await self._in_io(self._spool.read_next)
+            if record is not None:
+                position, payload = record
+                return _Batch(payload, 0, position)
+            self._spool_unread = False
+        if self._ready:
+            return self._ready.popleft()
+        return None
+
+    async def _deliver(self) -> None:
+        attempt = 0
+        index = 0
+        while True:
+            target = self.targets[index % len(self.targets)]
+            try:
+                await self._stream(target)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the task's top: any failure means reconnect, never stop
+                self.connected = False
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    detail = exc.code().name
+                elif isinstance(exc, (_StreamBroken, OSError, asyncio.InvalidStateError)):
+                    detail = str(exc) or type(exc).__name__
+                else:
+                    self.log.exception("exporter failure; reconnecting", collector=target)
+                    detail = type(exc).__name__
+                if attempt == 0 or attempt % 10 == 0:
+                    self.log.warning("collector stream failed", collector=target, error=detail,
+                                     unacked_batches=len(self._inflight), attempt=attempt)
+                index += 1
+                delay = min(self.settings.backoff_max, self.settings.backoff_initial * 2**attempt)
+                attempt = min(attempt + 1, 30)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _hello(self) -> bytes:
+        identity = self.identity
+        _, policy_version = self.status()
+        return bytes(ingest.IngestRequest(hello=ingest.Hello(
+            node_id=identity.node_id,
+            version=identity.version,
+            boot_id=identity.boot_id,
+            policy_version=policy_version,
+            started_at=timestamp(identity.started_at),
+        )).SerializeToString())
+
+    def _heartbeat(self) -> bytes:
+        active, policy_version = self.status()
+        return bytes(ingest.IngestRequest(heartbeat=ingest.Heartbeat(
+            active_connections=active,
+            policy_version=policy_version,
+            sent_at=timestamp(datetime.now(UTC)),
+        )).SerializeToString())
+
+    async def _stream(self, target: str) -> None:
+        options = [
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            stream = channel.stream_stream(
+                _METHOD, request_serializer=None,
+                response_deserializer=ingest.IngestResponse.FromString,
+            )
+            call = stream()
+            write_lock = asyncio.Lock()
+
+            async def write(data: bytes) -> None:
+                async with write_lock:
+                    await call.write(data)
+
+            await write(self._hello())
+            reader = asyncio.get_running_loop().create_task(self._read_answers(call))
+            heart = asyncio.get_running_loop().create_task(self._beat(write))
+            try:
+                sequence = 0
+                for unanswered in self._inflight:  # from the last stream: resend first
+                    sequence += 1
+                    unanswered.sequence = sequence
+                    await write(encode_batch_request(unanswered.payload, sequence))
+                self.connected = True
+                if self._inflight:
+                    self.log.info("collector stream open; resending", collector=target,
+                                  batches=len(self._inflight))
+                else:
+                    self.log.info("collector stream open", collector=target)
+                while True:
+                    while len(self._inflight) >= self.settings.max_inflight_batches:
+                        self._window.clear()
+                        await self._wait_or_broken(self._window.wait(), reader)
+                    batch = await self._next_batch()
+                    if batch is None:
+                        self._work.clear()
+                        await self._wait_or_broken(self._work.wait(), reader)
+                        continue
+                    sequence += 1
+                    batch.sequence = sequence
+                    self._inflight.append(batch)
+                    await write(encode_batch_request(batch.payload, sequence))
+            finally:
+                self.connected = False
+                heart.cancel()
+                reader.cancel()
+                call.cancel()
+
+    async def _wait_or_broken(self, awaitable: Any, reader: asyncio.Task[None]) -> None:
+        waiter = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            waiter.cancel()
+            exc = reader.exception()
+            raise exc if exc is not None else _StreamBroken("collector closed the stream")
+
+    async def _beat(self, write: Callable[[bytes], Any]) -> None:
+        while True:
+            await write(self._heartbeat())
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _read_answers(self, call: Any) -> None:
+        while True:
+            answer = await call.read()
+            if answer is grpc.aio.EOF:
+                return
+            kind = answer.WhichOneof("kind")
+            result = answer.ack if kind == "ack" else answer.rejection
+            if not self._inflight or self._inflight[0].sequence != result.sequence:
+                raise _StreamBroken(f"answer for batch {result.sequence} out of order")
+            batch = self._inflight.popleft()
+            self.delivered += result.inserted + result.duplicates
+            if kind == "rejection":
+                self.rejected += len(result.invalid)
+                self.log.warning("collector rejected events",
+                                 count=len(result.invalid),
+                                 reasons=sorted({item.reason for item in result.invalid})[:5])
+            if batch.position is not None and self._spool is not None:
+                await self._in_io(self._spool.ack, batch.position)
+            self._window.set()
+
+
+def new_boot_id() -> bytes:
+    """16 random bytes for this process's Hello."""
+    return os.urandom(16)
