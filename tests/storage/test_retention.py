@@ -81,3 +81,21 @@ async def test_an_interrupted_pass_is_finished(database_url: str, db: asyncpg.Co
         assert await repo.drop_expired_partitions(now=NOW) == ()
     finally:
         await repo.close()
+
+
+async def test_the_maintenance_loop_runs_until_stopped(repo: Repository,
+                                                       db: asyncpg.Connection) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from socks5_analytics.storage.maintenance import run_maintenance_forever
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_maintenance_forever(repo, interval=3600, stop=stop))
+    today = f"traffic_logs_p{datetime.now(UTC):%Y%m%d}"
+    async with asyncio.timeout(30):
+        while await db.fetchval("SELECT to_regclass($1)", today) is None:
+            await asyncio.sleep(0.01)  # polling a condition, with the deadline above
+    stop.set()
+    async with asyncio.timeout(10):
+        await task
