@@ -1,0 +1,137 @@
+"""A collector process: the database, the publisher, the gRPC server, signals.
+
+Without `database.url` it uses the embedded PostgreSQL (started here if it is not running,
+stopped at exit). It waits for the database before it listens, so a node never talks to a
+collector that cannot store anything yet; once listening, a database outage only holds the
+acks back. SIGTERM/SIGINT run the server's orderly stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from collector.normalize import DomainRules, default_suffix_list
+from collector.publisher import Publisher
+from collector.server import CollectorServer, ServerOptions
+from collector.servicer import IngestServicer, StreamLimits
+from socks5_analytics import __version__, runtime
+from socks5_analytics.config import Settings, format_address
+from socks5_analytics.logs import configure_logging, get_logger
+from socks5_analytics.storage import Repository, StorageError, TransientError
+
+__all__ = ["build_server", "run", "serve"]
+
+log = get_logger("collector")
+
+
+def build_server(settings: Settings, repository: Repository) -> CollectorServer:
+    """The server, servicer and publisher of `settings.collector` over `repository`."""
+    config = settings.collector
+    publisher = Publisher(
+        repository,
+        batch_max_events=config.batch_max_events,
+        batch_max_delay=config.batch_max_delay,
+        queue_max_events=config.queue_max_events,
+        workers=config.workers,
+        retry_initial_backoff=config.retry_initial_backoff,
+        retry_max_backoff=config.retry_max_backoff,
+        nodes_flush_interval=config.nodes_flush_interval,
+    )
+    rules = DomainRules(
+        default_suffix_list(private_domains=config.psl_private_domains),
+        max_clock_skew=timedelta(seconds=config.max_clock_skew),
+    )
+    servicer = IngestServicer(
+        publisher,
+        rules=rules,
+        limits=StreamLimits(hello_timeout=config.hello_timeout,
+                            max_batch_items=config.max_batch_items,
+                            max_pending=config.stream_max_pending),
+    )
+    options = ServerOptions(max_message_bytes=config.max_message_bytes,
+                            keepalive_time=config.keepalive_time,
+                            keepalive_timeout=config.keepalive_timeout)
+    return CollectorServer(servicer, publisher, options=options)
+
+
+@contextlib.asynccontextmanager
+async def _database_url(settings: Settings) -> AsyncIterator[str]:
+    database = settings.database
+    if database.url:
+        yield database.url
+        return
+    from socks5_analytics.storage.embedded import EmbeddedPostgres, default_data_dir
+
+    data_dir = database.embedded_data_dir or default_data_dir()
+    async with EmbeddedPostgres(data_dir, bin_dir=database.embedded_bin_dir) as server:
+        log.info("embedded PostgreSQL running", data_dir=str(data_dir))
+        yield server.dsn
+
+
+async def _open_repository(settings: Settings, url: str, stop: asyncio.Event) -> Repository:
+    config = settings.collector
+    delay = config.retry_initial_backoff
+    while True:
+        try:
+            # One connection per writer, one for heartbeats and partitions.
+            database = settings.database.model_copy(update={
+                "pool_max_size": max(settings.database.pool_max_size, config.workers + 1),
+            })
+            return await Repository.from_settings(database, url=url,
+                                                  application_name="socks5-analytics-collector")
+        except TransientError as exc:
+            log.warning("waiting for the database", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), random.uniform(delay / 2, delay))
+        if stop.is_set():
+            raise asyncio.CancelledError
+        delay = min(delay * 2, config.retry_max_backoff)
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
+    """Run the collector until `stop` is set; returns the exit status."""
+    async with _database_url(settings) as url:
+        try:
+            repository = await _open_repository(settings, url, stop)
+        except asyncio.CancelledError:
+            return 0
+        except StorageError as exc:
+            log.error("cannot open the database", error=str(exc))
+            return 1
+        try:
+            server = build_server(settings, repository)
+            host, port = settings.collector.listen
+            try:
+                bound = await server.start(host, port)
+            except (OSError, RuntimeError) as exc:
+                log.error("cannot listen", address=format_address(host, port), error=str(exc))
+                return 1
+            log.info("collector listening", address=format_address(*bound), version=__version__)
+            await stop.wait()
+            log.info("shutting down", streams=server.servicer.active_streams,
+                     held_rows=server.publisher.held_rows)
+            await server.stop(settings.collector.shutdown_grace)
+            log.info("stopped", committed_rows=server.publisher.committed_rows,
+                     writes=server.publisher.writes)
+        finally:
+            await repository.close()
+    return 0
+
+
+async def _main(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    return await serve(settings, stop=stop)
+
+
+def run(settings: Settings) -> int:
+    """Run a collector until SIGTERM/SIGINT; returns the process exit status."""
+    configure_logging(settings.log, component="collector", node=settings.node_id)
+    return runtime.run(_main(settings))

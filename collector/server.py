@@ -1,0 +1,105 @@
+"""The collector's gRPC server: options, interceptors, start and one orderly stop.
+
+Stop sequence: refuse new streams (UNAVAILABLE, so nodes fail over) and stop reading the
+live ones; give the publisher the grace period to commit what it holds, whose acks then go
+out; end the streams UNAVAILABLE; stop the gRPC server. Nothing taken is lost: a batch that
+did not commit in time was never acked, so its node still has it and resends it elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from collector.publisher import Publisher
+from collector.servicer import IngestServicer, method_handlers
+from socks5_analytics.config import format_address
+from socks5_analytics.logs import get_logger
+
+__all__ = ["CollectorServer", "ServerOptions"]
+
+log = get_logger("collector.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """The transport settings of the gRPC server."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """gRPC core's channel arguments for these settings."""
+        return [
+            # Larger messages end the stream RESOURCE_EXHAUSTED before we see them.
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Nodes may ping every 10 s on a quiet stream without being told off.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            # A second collector on the same port must fail, not share it silently.
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+class _RefuseWhileStopping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """New calls during the stop get UNAVAILABLE at once, so nodes fail over."""
+
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        self._stopping = stopping
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if not self._stopping():
+            return await continuation(handler_call_details)
+
+        async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is stopping")
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+class CollectorServer:
+    """A grpc.aio server for one servicer and its publisher."""
+
+    def __init__(self, servicer: IngestServicer, publisher: Publisher, *,
+                 options: ServerOptions = ServerOptions()) -> None:
+        self.servicer = servicer
+        self.publisher = publisher
+        self._server = grpc.aio.server(
+            interceptors=[_RefuseWhileStopping(lambda: servicer.stopping)],
+            options=options.channel_options(),
+        )
+        self._server.add_generic_rpc_handlers((method_handlers(servicer),))
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Start the publisher and listen on (host, port); returns the bound address."""
+        bound = self._server.add_insecure_port(format_address(host, port))
+        if bound == 0:
+            raise OSError(f"cannot listen on {format_address(host, port)}")
+        await self.publisher.start()
+        await self._server.start()
+        self.address = (host, bound)
+        return self.address
+
+    async def stop(self, grace: float) -> None:
+        """The stop sequence (see the module); takes about `grace` seconds at most."""
+        self.servicer.begin_stop()
+        await self.publisher.stop(grace)
+        await self.servicer.wait_closed(1.0)
+        await self._server.stop(1.0)
+
+    async def wait_for_termination(self) -> None:
+        """Until the server has stopped."""
+        await self._server.wait_for_termination()
