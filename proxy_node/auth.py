@@ -22,12 +22,13 @@ from socks5_analytics.passwords import hash_password, verify_password
 __all__ = ["Authenticator", "PolicyAuthenticator", "choose_method"]
 
 
-def choose_method(offered: Iterable[int], *, requires_auth: bool) -> AuthMethod:
-    """The method the server selects from those the client offered."""
-    wanted = (
-        AuthMethod.USERNAME_PASSWORD if requires_auth else AuthMethod.NO_AUTHENTICATION_REQUIRED
-    )
-    return wanted if wanted in offered else AuthMethod.NO_ACCEPTABLE_METHODS
+def choose_method(offered: Iterable[int], acceptable: Iterable[AuthMethod]) -> AuthMethod:
+    """The first acceptable method the client offered, or NO_ACCEPTABLE_METHODS."""
+    offered = frozenset(offered)
+    for method in acceptable:
+        if method in offered:
+            return method
+    return AuthMethod.NO_ACCEPTABLE_METHODS
 
 
 class Authenticator(Protocol):

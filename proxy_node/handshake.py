@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from proxy_node.auth import Authenticator, choose_method
+from proxy_node.auth import choose_method
 from proxy_node.errors import ProxyError
 from proxy_node.events import ConnectionRecord
 from proxy_node.wire import (
     AuthMethod,
+    AuthRequest,
     WireError,
     encode_auth_reply,
     encode_method_selection,
@@ -99,11 +100,16 @@ class HandshakeReader:
 
 
 async def negotiate(
-    reader: HandshakeReader, authenticator: Authenticator, record: ConnectionRecord
+    reader: HandshakeReader,
+    record: ConnectionRecord,
+    *,
+    acceptable: Sequence[AuthMethod],
+    check: Callable[[AuthRequest], Awaitable[bool]],
 ) -> None:
-    """Method selection and, when users exist, username/password; fills `record.user`."""
+    """Method selection (the first of `acceptable` the client offers), then, for
+    username/password, the RFC 1929 exchange; `check` decides and sets the status."""
     greeting = await reader.read(parse_greeting)
-    method = choose_method(greeting.methods, requires_auth=authenticator.requires_auth)
+    method = choose_method(greeting.methods, acceptable)
     await reader.send(encode_method_selection(method))
     if method == AuthMethod.NO_ACCEPTABLE_METHODS:
         record.status = "auth_failed"
@@ -116,8 +122,7 @@ async def negotiate(
         await reader.send(encode_auth_reply(False))
         raise
     record.user = credentials.username.decode("utf-8", "replace")
-    ok = await authenticator.verify(credentials.username, credentials.password)
+    ok = await check(credentials)
     await reader.send(encode_auth_reply(ok))
     if not ok:
-        record.status = "auth_failed"
         raise AuthFailed(f"authentication failed for {record.user!r}")

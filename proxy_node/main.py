@@ -18,9 +18,10 @@ from typing import Any
 
 from proxy_node.auth import PolicyAuthenticator
 from proxy_node.exporter import GrpcExporter, NodeIdentity, new_boot_id
-from proxy_node.policy import PolicyError, load_policy
+from proxy_node.gatekeeper import Gatekeeper
+from proxy_node.policy import Policy, PolicyError, load_policy
+from proxy_node.reload import PolicyWatcher
 from proxy_node.resolver import CachingResolver
-from proxy_node.rules import PermitAll
 from proxy_node.server import ProxyServer, open_listening_socket
 from proxy_node.sink import EventSink, JsonLinesSink, NullSink
 from socks5_analytics import __version__, runtime
@@ -74,10 +75,8 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     except PolicyError as exc:
         log.error("invalid policy", error=str(exc))
         return 2
-    for key in ("whitelist", "destinations", "limits"):
-        if getattr(policy, key):
-            log.warning("policy key is not enforced by this version", key=key)
     authenticator = PolicyAuthenticator(policy)
+    gatekeeper = Gatekeeper(policy)
     loop = asyncio.get_running_loop()
     current = {"policy": policy}
     server: ProxyServer | None = None
@@ -93,7 +92,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         node_id=settings.node_id,
         sink=sink,
         authenticator=authenticator,
-        rules=PermitAll(),
+        rules=gatekeeper,
         resolver=CachingResolver(timeout=proxy.dns_timeout, ttl=proxy.dns_cache_ttl,
                                  size=proxy.dns_cache_size),
         log=log,
@@ -104,19 +103,23 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     interims = loop.create_task(server.report_interims(proxy.events.interim_interval))
     stop = asyncio.Event()
 
-    def reload_policy() -> None:
-        try:
-            new = load_policy(proxy.policy_file)
-        except PolicyError as exc:
-            log.error("policy reload failed; keeping the current policy", error=str(exc))
-            return
+    def apply_policy(new: Policy) -> None:
         authenticator.update(new)
+        gatekeeper.update(new)
         current["policy"] = new
-        log.info("policy reloaded", policy_version=new.version, users=len(new.users))
+        revoked = server.revoke() if server is not None else 0
+        log.info("policy applied", policy_version=new.version, users=len(new.users),
+                 revoked_sessions=revoked)
 
+    tasks = [interims]
+    if proxy.policy_file is not None:
+        watcher = PolicyWatcher(proxy.policy_file, current=policy, apply=apply_policy,
+                                interval=proxy.policy_poll_interval, log=log)
+        tasks.append(loop.create_task(watcher.run()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: watcher.check(force=True))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_policy)
+    _warn_if_open(host, policy)
     if ready is not None:
         ready.set()
     if worker == 0:
@@ -128,10 +131,19 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         log.info("shutting down", active_connections=server.active_connections)
         await server.shutdown(proxy.shutdown_grace)
     finally:
-        interims.cancel()
+        for task in tasks:
+            task.cancel()
         await sink.close()
     log.info("stopped", events_dropped=sink.dropped)
     return 0
+
+
+def _warn_if_open(host: str, policy: Policy) -> None:
+    """An open proxy on a public interface is a finding; say so loudly."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not loopback and not policy.whitelist and not policy.users:
+        log.warning("open proxy: listening beyond loopback with no whitelist and no users",
+                    listen=host)
 
 
 def _worker_main(settings: Settings, worker: int, ready: Any) -> None:

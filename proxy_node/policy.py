@@ -8,15 +8,25 @@ document reports the same version.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from socks5_analytics.passwords import PasswordHashError, parse_hash
 
-__all__ = ["Policy", "PolicyError", "UserEntry", "load_policy", "parse_policy"]
+__all__ = [
+    "DestinationRule",
+    "Destinations",
+    "Limits",
+    "Policy",
+    "PolicyError",
+    "UserEntry",
+    "load_policy",
+    "parse_policy",
+]
 
 
 class PolicyError(Exception):
@@ -35,6 +45,8 @@ class UserEntry(_Strict):
     disabled: bool = False
     max_connections: int = Field(default=0, ge=0)
     connections_per_second: float = Field(default=0, ge=0)
+    # Optional bandwidth cap, each direction, for all the user's connections together.
+    max_bytes_per_second: int = Field(default=0, ge=0)
 
     @field_validator("username")
     @classmethod
@@ -55,14 +67,81 @@ class UserEntry(_Strict):
         return value
 
 
+def _check_cidrs(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a CIDR ({exc})") from exc
+    return values
+
+
+class DestinationRule(_Strict):
+    """One allow/deny rule; it matches when its domains or CIDRs (either, when both are
+    given; any destination when neither is), its ports and its commands all match."""
+
+    action: Literal["allow", "deny"]
+    domains: list[str] = Field(default_factory=list)
+    cidrs: list[str] = Field(default_factory=list)
+    ports: list[str | int] = Field(default_factory=list)
+    commands: list[Literal["connect", "bind", "udp_associate"]] = Field(default_factory=list)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, values: list[str]) -> list[str]:
+        for value in values:
+            name = value[1:] if value.startswith(".") else value
+            if not name or " " in name or len(name) > 253:
+                raise ValueError(f"{value!r} is not a domain (use .example.com for a suffix)")
+        return values
+
+    @field_validator("cidrs")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        return _check_cidrs(values)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, values: list[str | int]) -> list[str | int]:
+        for value in values:
+            low, _, high = str(value).partition("-")
+            if not (low.isdigit() and (not high or high.isdigit())):
+                raise ValueError(f"{value!r} is not a port or a range like 1024-65535")
+            first, last = int(low), int(high or low)
+            if not 1 <= first <= last <= 65535:
+                raise ValueError(f"{value!r}: ports are 1-65535, low to high")
+        return values
+
+
+class Destinations(_Strict):
+    """Where clients may connect to."""
+
+    block_private: bool = True
+    rules: list[DestinationRule] = Field(default_factory=list)
+
+
+class Limits(_Strict):
+    """Per-node and per-source limits (0: none)."""
+
+    max_connections: int = Field(default=10_000, ge=1)
+    max_connections_per_ip: int = Field(default=0, ge=0)
+    connections_per_second_per_ip: float = Field(default=0, ge=0)
+    auth_failures_per_minute_per_ip: int = Field(default=10, ge=0)
+
+
 class Policy(_Strict):
     """The whole document; `version` is the content hash of what was loaded."""
 
     users: list[UserEntry] = Field(default_factory=list)
     whitelist: list[str] = Field(default_factory=list)
-    destinations: dict[str, Any] = Field(default_factory=dict)
-    limits: dict[str, Any] = Field(default_factory=dict)
+    destinations: Destinations = Destinations()
+    limits: Limits = Limits()
     version: str = "empty"
+
+    @field_validator("whitelist")
+    @classmethod
+    def _whitelist(cls, values: list[str]) -> list[str]:
+        return _check_cidrs(values)
 
     @field_validator("users")
     @classmethod

@@ -70,15 +70,17 @@ async def dial(
     resolver: Resolver,
     rules: RuleSet,
     timeout: float,
+    command: str = "connect",
 ) -> socket.socket:
     """A connected non-blocking TCP socket to `dest`, or an UpstreamError."""
     loop = asyncio.get_running_loop()
     if dest.is_domain:
+        rules.check_domain(command, dest.host, dest.port)  # before any DNS query
         candidates = await resolver.resolve(dest.host, dest.port)
     else:
         candidates = [sockaddr_for(dest.host, dest.port)]
-    for _, addr in candidates:
-        rules.check_destination("connect", dest.host, addr[0], dest.port)
+    domain = dest.host if dest.is_domain else None
+    candidates = rules.allowed_addresses(command, domain, dest.port, candidates)
     failure: Exception | None = None
     try:
         async with asyncio.timeout(timeout):

@@ -1,31 +1,44 @@
-"""The rule-set seam: who may connect, and where to.
+"""The rule-set seam the protocol code sees: may this client connect, and to where?
 
-The default permits everything; source whitelists, destination rules and rate limits plug in
-here without the protocol code knowing how they decide.
+`Gatekeeper` implements it from the policy file; `PermitAll` allows everything (tests,
+embedding). The protocol code only ever calls these methods.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from proxy_node.resolver import SockAddr
+
 __all__ = ["PermitAll", "RuleSet"]
 
 
 class RuleSet(Protocol):
-    """Decides on sources and destinations; a denial is an exception from `errors`."""
+    """Decides on destinations; a denial raises `errors.ConnectionNotAllowed`."""
 
-    def check_source(self, source_ip: str) -> None:
-        """Raise if this client address may not use the proxy."""
+    def check_domain(self, command: str, domain: str, port: int) -> None:
+        """Raise before resolving when the name itself is denied."""
+
+    def allowed_addresses(
+        self, command: str, domain: str | None, port: int, candidates: list[SockAddr]
+    ) -> list[SockAddr]:
+        """The candidates that may be connected to; raise if none may."""
 
     def check_destination(self, command: str, host: str, ip: str | None, port: int) -> None:
-        """Raise ConnectionNotAllowed if the destination is denied."""
+        """Raise if sending to `ip` (asked for as `host`) is denied."""
 
 
 class PermitAll:
-    """Allows every source and destination."""
+    """Allows every destination."""
 
-    def check_source(self, source_ip: str) -> None:
-        """Every source is allowed."""
+    def check_domain(self, command: str, domain: str, port: int) -> None:
+        """Every name is allowed."""
+
+    def allowed_addresses(
+        self, command: str, domain: str | None, port: int, candidates: list[SockAddr]
+    ) -> list[SockAddr]:
+        """Every address is allowed."""
+        return candidates
 
     def check_destination(self, command: str, host: str, ip: str | None, port: int) -> None:
         """Every destination is allowed."""

@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 from proxy_node.auth import Authenticator
+from proxy_node.gatekeeper import Admission, Gatekeeper
 from proxy_node.relay import RelayBuffer
 from proxy_node.resolver import Resolver
-from proxy_node.rules import RuleSet
 from proxy_node.session import Session
 from proxy_node.sink import EventSink
 from socks5_analytics.config import ProxySettings
@@ -59,7 +59,7 @@ class ProxyServer:
         node_id: str,
         sink: EventSink,
         authenticator: Authenticator,
-        rules: RuleSet,
+        rules: Gatekeeper,
         resolver: Resolver,
         log: Any,
     ) -> None:
@@ -78,6 +78,7 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._drained: asyncio.Event | None = None
         self._last_refusal_log = 0.0
+        self._last_throttle_log = 0.0
 
     @property
     def active_connections(self) -> int:
@@ -95,7 +96,7 @@ class ProxyServer:
         listener = self._listener
         if listener is None:
             return
-        cap = self.settings.max_connections
+        cap = min(self.settings.max_connections, self.rules.max_connections)
         loop = self.loop
         for _ in range(_ACCEPT_BATCH):
             try:
@@ -112,6 +113,10 @@ class ProxyServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = Session(self, sock, peer, time.monotonic())
+            source_ip = session.record.source_ip
+            session.denial = self.rules.admit_source(source_ip)
+            if session.denial is None:
+                session.admission = Admission(source_ip)
             self.sessions.add(session)
             session.task = loop.create_task(session.run())
 
@@ -150,9 +155,26 @@ class ProxyServer:
                     if sample is not None:
                         self.sink.emit_interim(sample)
 
+    def note_auth_throttled(self, source_ip: str) -> None:
+        """Log (at most every 10 s per node) that a source is being throttled."""
+        now = time.monotonic()
+        if now - self._last_throttle_log >= 10:
+            self._last_throttle_log = now
+            self.log.warning("authentication throttled: too many failures", source_ip=source_ip,
+                             per_minute=self.rules.policy.limits.auth_failures_per_minute_per_ip)
+
+    def revoke(self) -> int:
+        """Close the live sessions the policy now in force no longer allows."""
+        revoked = [s for s in list(self.sessions) if not s.ended and not s.still_allowed()]
+        for session in revoked:
+            session.abort("revoked")
+        return len(revoked)
+
     def session_ended(self, session: Session) -> None:
         """Emit the session's event and forget it."""
         self.sessions.discard(session)
+        if session.admission is not None:
+            self.rules.release(session.admission)
         self.sink.emit(session.record.finish(node_id=self.node_id, now_mono=time.monotonic()))
         if self._drained is not None and not self.sessions:
             self._drained.set()

@@ -11,8 +11,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
-from proxy_node.errors import ProxyError, outcome_for
+from proxy_node.errors import ConnectionNotAllowed, ProxyError, outcome_for
 from proxy_node.events import ConnectionRecord, InterimSample
+from proxy_node.gatekeeper import Admission
 from proxy_node.handshake import (
     AuthFailed,
     ClientClosed,
@@ -23,7 +24,16 @@ from proxy_node.handshake import (
 from proxy_node.relay import TcpRelay
 from proxy_node.request import Destination, destination, dial, plain_ip
 from proxy_node.udp import UdpAssociation
-from proxy_node.wire import Command, Reply, Request, WireError, encode_reply, parse_request
+from proxy_node.wire import (
+    AuthMethod,
+    AuthRequest,
+    Command,
+    Reply,
+    Request,
+    WireError,
+    encode_reply,
+    parse_request,
+)
 
 if TYPE_CHECKING:
     from proxy_node.server import ProxyServer
@@ -37,12 +47,18 @@ _COMMAND_NAMES = {
 }
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 _HANDSHAKE_TIMEOUT = "handshake_timeout"
+_ANY_METHOD = (AuthMethod.NO_AUTHENTICATION_REQUIRED, AuthMethod.USERNAME_PASSWORD)
+_PASSWORD_ONLY = (AuthMethod.USERNAME_PASSWORD,)
+_NO_AUTH_ONLY = (AuthMethod.NO_AUTHENTICATION_REQUIRED,)
 
 
 class Session:
     """The state of one client connection."""
 
-    __slots__ = ("abort_reason", "ended", "record", "relay", "server", "sock", "task")
+    __slots__ = (
+        "abort_reason", "admission", "denial", "ended", "record", "relay", "server", "sock",
+        "task",
+    )
 
     def __init__(self, server: ProxyServer, sock: socket.socket, peer: tuple[str, int],
                  accepted_mono: float) -> None:
@@ -53,6 +69,23 @@ class Session:
         self.relay: TcpRelay | None = None
         self.abort_reason: str | None = None
         self.ended = False
+        # Set by the server at accept: the counted admission, or why the source is refused
+        # (the refusal is answered with REP 0x02 once the request has arrived).
+        self.admission: Admission | None = None
+        self.denial: str | None = None
+
+    def still_allowed(self) -> bool:
+        """Whether the policy now in force would still admit this session."""
+        if self.admission is None:
+            return True
+        record = self.record
+        return self.server.rules.still_allowed(
+            self.admission,
+            command=record.command,
+            domain=record.domain,
+            dest_ip=record.dest_ip,
+            dest_port=record.dest_port,
+        )
 
     def interim_sample(self) -> InterimSample | None:
         """Cumulative bytes so far, for a session that is relaying; None otherwise."""
@@ -107,8 +140,14 @@ class Session:
         timer = loop.call_at(loop.time() + settings.handshake_timeout, self.abort,
                              _HANDSHAKE_TIMEOUT)
         try:
-            server.rules.check_source(record.source_ip)
-            await negotiate(reader, server.authenticator, record)
+            acceptable: tuple[AuthMethod, ...]
+            if self.denial is not None:  # answer the request with 0x02, whatever the method
+                acceptable = _ANY_METHOD
+            elif server.authenticator.requires_auth:
+                acceptable = _PASSWORD_ONLY
+            else:
+                acceptable = _NO_AUTH_ONLY
+            await negotiate(reader, record, acceptable=acceptable, check=self._check_password)
             try:
                 request = await reader.read(parse_request)
             except WireError as exc:
@@ -120,6 +159,10 @@ class Session:
         record.command = _COMMAND_NAMES[request.command]
         if request.command == Command.UDP_ASSOCIATE:
             record.protocol = "udp"
+        if self.denial is not None:
+            await self._reply_failure(reader, ConnectionNotAllowed(self.denial))
+            record.status = self.denial
+            raise ConnectionNotAllowed(self.denial)
         try:
             dest = destination(request)
             if request.command != Command.UDP_ASSOCIATE:
@@ -135,6 +178,34 @@ class Session:
         except (ProxyError, WireError) as exc:
             await self._reply_failure(reader, exc)
             raise
+
+    async def _check_password(self, credentials: AuthRequest) -> bool:
+        """RFC 1929 verification with throttling and per-user limits; sets the status."""
+        server = self.server
+        gate = server.rules
+        record = self.record
+        if self.denial is not None:
+            record.status = self.denial
+            return False
+        if gate.auth_blocked(record.source_ip):
+            record.status = "rate_limited"
+            server.note_auth_throttled(record.source_ip)
+            return False
+        if not await server.authenticator.verify(credentials.username, credentials.password):
+            gate.auth_failed(record.source_ip)
+            record.status = "auth_failed"
+            return False
+        user = gate.users.get(record.user)
+        if user is None:  # removed by a policy change while the hash was checked
+            record.status = "auth_failed"
+            return False
+        if not gate.admit_user(user):
+            self.denial = "rate_limited"  # authenticated; the request gets 0x02
+            return True
+        if self.admission is not None:
+            self.admission.user = user.username
+            self.admission.password_hash = user.password_hash
+        return True
 
     async def _reply_failure(self, reader: HandshakeReader, exc: BaseException) -> None:
         reply, status = outcome_for(exc)

@@ -150,6 +150,8 @@ class ProxySettings(_Section):
 
     listen: Address = ("127.0.0.1", 1080)
     policy_file: Path | None = None
+    # Seconds between checks of the policy file for changes (SIGHUP checks at once).
+    policy_poll_interval: Seconds = 1.0
     workers: int = Field(default=1, ge=1, le=64)
     max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
     handshake_timeout: Seconds = 10.0
