@@ -336,29 +336,46 @@ static int connect_reply_len(const uint8_t *h)
     }
 }
 
-/* Blocking SOCKS5 handshake used by the bulk threads. */
-static int socks_handshake_blocking(int fd, const struct opts *o)
+/* Why a CONNECT reply was refused, for diagnostics (RFC 1928 section 6). */
+static const char *reply_error(const uint8_t *h)
+{
+    static const char *const reps[] = {
+        "succeeded", "REP 1 general failure", "REP 2 not allowed by ruleset",
+        "REP 3 network unreachable", "REP 4 host unreachable", "REP 5 connection refused",
+        "REP 6 TTL expired", "REP 7 command not supported", "REP 8 address type not supported",
+    };
+    if (h[0] != 5)
+        return "CONNECT reply with VER != 5";
+    if (h[1] != 0)
+        return h[1] < 9 ? reps[h[1]] : "REP unassigned";
+    return "CONNECT reply with unknown ATYP";
+}
+
+/* Blocking SOCKS5 handshake used by the bulk threads; NULL or why it failed. */
+static const char *socks_handshake_blocking(int fd, const struct opts *o)
 {
     uint8_t buf[600];
     size_t n = build_greeting(buf, o);
     if (write_full(fd, buf, n) || read_full(fd, buf, 2))
-        return -1;
+        return "greeting: I/O error or EOF";
     if (buf[0] != 5 || buf[1] != (o->user ? 2 : 0))
-        return -1;
+        return "method not accepted";
     if (o->user) {
         n = build_auth(buf, o);
         if (write_full(fd, buf, n) || read_full(fd, buf, 2))
-            return -1;
+            return "auth: I/O error or EOF";
         if (buf[0] != 1 || buf[1] != 0)
-            return -1;
+            return "authentication rejected";
     }
     n = build_connect(buf, o->dst, o->dport);
     if (write_full(fd, buf, n) || read_full(fd, buf, 5))
-        return -1;
+        return "CONNECT: I/O error or EOF";
     int total = connect_reply_len(buf);
-    if (total < 0 || read_full(fd, buf + 5, (size_t)total - 5))
-        return -1;
-    return 0;
+    if (total < 0)
+        return reply_error(buf);
+    if (read_full(fd, buf + 5, (size_t)total - 5))
+        return "CONNECT reply truncated";
+    return NULL;
 }
 
 /* The address the client's TCP connection goes to: proxy or target. */
@@ -601,8 +618,13 @@ static int bulk_connect(struct stream *s)
     if (fd < 0)
         return -1;
     set_io_timeouts(fd, IO_TIMEOUT_S);
-    if (connect(fd, (struct sockaddr *)&s->addr, s->addrlen) ||
-        (!s->o->direct && socks_handshake_blocking(fd, s->o))) {
+    const char *why = NULL;
+    if (connect(fd, (struct sockaddr *)&s->addr, s->addrlen))
+        why = strerror(errno);
+    else if (!s->o->direct)
+        why = socks_handshake_blocking(fd, s->o);
+    if (why) {
+        fprintf(stderr, "loadgen: bulk stream setup failed: %s\n", why);
         close(fd);
         return -1;
     }
@@ -829,7 +851,7 @@ static int advance(struct runner *r, struct conn *c)
         if (c->need == 5) {
             int total = connect_reply_len(c->in);
             if (total < 0) {
-                c->why = "CONNECT failed (bad VER/REP/ATYP)";
+                c->why = reply_error(c->in);
                 return -1;
             }
             c->need = (size_t)total;

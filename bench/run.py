@@ -25,6 +25,7 @@ from typing import Any
 
 from socksbench import generator, report, scenarios
 from socksbench.generator import Hop, Target
+from socksbench.procstat import system_busy_seconds
 from socksbench.proxies import PASSWORD, USER, Proxy, Running, all_proxies, start
 from socksbench.scenarios import Collector, Sizes, Subject
 
@@ -54,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ours-workers", type=int, default=1, help="proxy.workers for our proxy (default 1)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each server, wait up to SECONDS for other load to drop (shared machines)",
+    )
     args = parser.parse_args(argv)
     args.only = [n for item in args.only for n in item.split(",") if n]
     unknown = set(args.only) - set(names)
@@ -147,29 +155,59 @@ def bench_direct(target: Target, sizes: Sizes, run: int, out: Collector) -> None
         scenarios.measure_conn(subject, target, sizes, run, variant, out)
 
 
-def summary(out: Collector, name: str) -> str:
-    """One-line progress summary of the latest samples of a server."""
-    latest = {k: v[-1] for k, v in out.samples.get(name, {}).items() if v}
+def sample_counts(out: Collector, name: str) -> dict[str, int]:
+    """How many samples each metric of a server has so far."""
+    return {k: len(v) for k, v in out.samples.get(name, {}).items()}
+
+
+def summary(out: Collector, name: str, before: dict[str, int]) -> str:
+    """One-line progress summary of the samples a server added in this run."""
+    new = {k: v[-1] for k, v in out.samples.get(name, {}).items() if len(v) > before.get(k, 0)}
     keys = ["bulk_up_8", "bulk_down_8", "conn_ipv4", "conn_auth", "mem_pss"]
-    return ", ".join(f"{k}={report.fmt(latest[k])}" for k in keys if k in latest)
+    return ", ".join(f"{k}={report.fmt(new[k])}" for k in keys if k in new) or "no samples"
 
 
-def run_all(proxies: list[Proxy], sizes: Sizes, out: Collector, workroot: Path) -> None:
+def wait_quiet(max_wait_s: float, threshold: float = 0.2) -> None:
+    """Wait (bounded) until other processes use under `threshold` cores.
+
+    Nothing of ours is busy between servers, so machine-wide busy time is
+    other work; on a shared machine this keeps it out of the measurements.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy0 = system_busy_seconds()
+        time.sleep(1.0)
+        load = system_busy_seconds() - busy0
+        if load < threshold:
+            return
+        if time.monotonic() >= deadline:
+            log(f"  machine still busy ({load:.2f} cores of other load); measuring anyway")
+            return
+
+
+def run_all(
+    proxies: list[Proxy], sizes: Sizes, out: Collector, workroot: Path, quiet_s: float
+) -> None:
     """Round-robin: every run measures direct, then each server in turn."""
     with generator.running_target() as target:
         for run in range(sizes.runs):
+            if quiet_s:
+                wait_quiet(quiet_s)
             log(f"run {run + 1}/{sizes.runs}: direct")
             bench_direct(target, sizes, run, out)
             for proxy in proxies:
+                if quiet_s:
+                    wait_quiet(quiet_s)
                 log(f"run {run + 1}/{sizes.runs}: {proxy.name}")
                 workdir = workroot / f"{proxy.name}-{run}"
+                before = sample_counts(out, proxy.name)
                 try:
                     bench_noauth(proxy, target, sizes, run, out, workdir / "noauth")
                     bench_auth(proxy, target, sizes, run, out, workdir / "auth")
                 except (RuntimeError, OSError, KeyError, ValueError) as exc:
                     out.note(proxy.name, f"run {run + 1} failed: {exc}")
                     log(f"  {proxy.name} FAILED: {exc}")
-                log(f"  {summary(out, proxy.name)}")
+                log(f"  {summary(out, proxy.name, before)}")
 
 
 def write_results(
@@ -225,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Collector()
     workroot = Path(tempfile.mkdtemp(prefix="socksbench-"))
     try:
-        run_all(proxies, sizes, out, workroot)
+        run_all(proxies, sizes, out, workroot, args.wait_quiet)
     finally:
         for proxy in proxies:
             cleanup = getattr(proxy, "system_user", None)

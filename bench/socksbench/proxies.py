@@ -220,31 +220,33 @@ class Ours(Proxy):
 
     def command(self, port: int, auth: bool, workdir: Path) -> list[str]:
         config = workdir / "ours.yaml"
-        lines = [
-            "proxy:",
-            f'  listen: "{LOOPBACK}:{port}"',
-            f"  workers: {self.workers}",
-            "  events:",
-            "    sink: jsonl",
-            f"    path: {workdir / 'events.jsonl'}",
-            "log:",
-            "  level: warning",
-        ]
+        config.write_text(
+            "proxy:\n"
+            f'  listen: "{LOOPBACK}:{port}"\n'
+            f"  policy_file: {self._write_policy(auth, workdir)}\n"
+            f"  workers: {self.workers}\n"
+            "  events:\n"
+            "    sink: jsonl\n"
+            f"    path: {workdir / 'events.jsonl'}\n"
+            "log:\n"
+            "  level: warning\n"
+        )
+        argv = [str(self._cli()), "proxy", "--listen", f"{LOOPBACK}:{port}"]
+        return [*argv, "--config", str(config)]
+
+    def _write_policy(self, auth: bool, workdir: Path) -> Path:
+        """Policy file: loopback destinations allowed, plus the user for the auth variant.
+
+        The proxy blocks private and loopback destinations by default (an
+        SSRF guard), and the benchmark target is on loopback, so a policy
+        file is needed even without authentication.
+        """
+        text = "destinations:\n  block_private: false\n"
         if auth:
-            policy = workdir / "policy.yaml"
-            policy.write_text(
-                f'users:\n  - username: {USER}\n    password_hash: "{self._password_hash()}"\n'
-            )
-            lines.insert(2, f"  policy_file: {policy}")
-        config.write_text("\n".join(lines) + "\n")
-        return [
-            str(self._cli()),
-            "proxy",
-            "--listen",
-            f"{LOOPBACK}:{port}",
-            "--config",
-            str(config),
-        ]
+            text += f'users:\n  - username: {USER}\n    password_hash: "{self._password_hash()}"\n'
+        policy = workdir / "policy.yaml"
+        policy.write_text(text)
+        return policy
 
 
 def all_proxies(ours_workers: int = 1) -> list[Proxy]:

@@ -119,7 +119,7 @@ def busy_warning(med: dict[str, dict[str, float]], threshold: float = 0.2) -> st
     return (
         f"WARNING: up to {worst:.2f} cores of other load (processes not under test, "
         "or hypervisor steal) ran during the measurements; figures are noisy. "
-        "Re-run on a quiet machine."
+        "Re-run on a quiet machine, or with --wait-quiet 60."
     )
 
 

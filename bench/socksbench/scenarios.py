@@ -135,6 +135,11 @@ def metered(subject: Subject, target: Target) -> Iterator[Meter]:
     meter.background_cores = max(0.0, system_busy_seconds() - busy0 - ours) / max(wall, 1e-3)
 
 
+def first_line(text: str) -> str:
+    """The first line of generator stderr, short enough for a note."""
+    return text.strip().split("\n", 1)[0][:160]
+
+
 def warm_up(subject: Subject, target: Target, count: int, concurrency: int) -> None:
     """A few connections first, so lazy imports and first-use allocations are not measured."""
     generator.conn(subject.hop, target, "127.0.0.1", count, 3.0, concurrency)
@@ -154,7 +159,7 @@ def measure_bulk(subject: Subject, target: Target, sizes: Sizes, run: int, out: 
             out.note(
                 subject.name,
                 f"{scenario}: only {res['ok_streams']}/{streams} streams "
-                f"completed ({res['stderr'][:120]})",
+                f"completed ({first_line(res['stderr'])})",
             )
             continue
         if res["capped"]:
@@ -191,7 +196,7 @@ def measure_conn(
         out.note(
             subject.name,
             f"conn_{variant}: {res['errors']} failed, {res['aborted']} "
-            f"unfinished connections ({res['stderr'][:160]})",
+            f"unfinished connections ({first_line(res['stderr'])})",
         )
     if res["completed"] == 0:
         return
