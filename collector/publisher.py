@@ -160,6 +160,11 @@ class Publisher:
         """Rows submitted and not yet committed (the back-pressure gauge)."""
         return self._held
 
+    @property
+    def database_down(self) -> bool:
+        """Whether writes are failing for want of the database right now."""
+        return self._outage_since is not None
+
     async def start(self) -> None:
         """Start the gatherer, the writers and the heartbeat flusher."""
         self._tasks.append(asyncio.create_task(self._gather(), name="publisher-gather"))

@@ -1,0 +1,142 @@
+"""The collector as a real process: kill -9 in the middle of a load, SIGTERM's orderly stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from ingest_client import batch, make_event, open_session
+
+from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
+
+pytestmark = pytest.mark.timeout(90)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class CollectorProcess:
+    """`python -m collector` on port 0; the address is read back from its log."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+
+
+Spawn = Callable[[], Any]
+
+
+@pytest.fixture
+async def spawn(database_url: str, tmp_path: Path) -> AsyncIterator[Spawn]:
+    processes: list[asyncio.subprocess.Process] = []
+    drains: list[asyncio.Task[None]] = []
+
+    async def start() -> CollectorProcess:
+        env = {**os.environ, "S5A_DATABASE__URL": database_url,
+               "S5A_COLLECTOR__LISTEN": "127.0.0.1:0", "S5A_LOG__FORMAT": "json",
+               "S5A_COLLECTOR__SHUTDOWN_GRACE": "5", "PYTHONPATH": str(ROOT)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "collector", cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        processes.append(process)
+        assert process.stderr is not None
+        while line := await asyncio.wait_for(process.stderr.readline(), 30):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # gRPC core's own lines
+            if record.get("message") == "collector listening":
+                port = int(record["address"].rsplit(":", 1)[1])
+                drains.append(asyncio.create_task(_drain(process.stderr)))
+                return CollectorProcess(process, port)
+        raise AssertionError(f"the collector exited: {await process.wait()}")
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    await asyncio.gather(*drains, return_exceptions=True)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+def _batches(count: int, size: int) -> list[list[pb.ConnectionEvent]]:
+    return [[make_event(source_port=n) for n in range(size)] for _ in range(count)]
+
+
+async def test_kill_9_mid_load_then_resend_makes_no_duplicates(
+    spawn: Spawn, db: asyncpg.Connection
+) -> None:
+    batches = _batches(20, 200)
+    acked: set[int] = set()
+    first = await spawn()
+    async with grpc.aio.insecure_channel(first.target) as channel:
+        session = await open_session(channel)
+        for number, events in enumerate(batches, start=1):
+            await session.send(batch(number, events))
+        acked.add((await session.recv()).ack.sequence)  # the load is flowing
+        first.process.kill()  # SIGKILL: no flush, no goodbye, writes cut mid-transaction
+        await first.process.wait()
+        while True:
+            try:
+                response = await session.call.read()
+            except grpc.aio.AioRpcError:
+                break
+            if response is grpc.aio.EOF:
+                break
+            acked.add(response.ack.sequence)
+    unacked = [events for number, events in enumerate(batches, start=1) if number not in acked]
+    assert unacked, "everything was acked before the kill; the test proves nothing"
+
+    second = await spawn()
+    async with grpc.aio.insecure_channel(second.target) as channel:
+        session = await open_session(channel)  # a new stream: sequences start again at 1
+        for number, events in enumerate(unacked, start=1):
+            await session.send(batch(number, events))
+        responses = [await session.recv() for _ in unacked]
+        assert await session.finish() == grpc.StatusCode.OK
+    assert [r.ack.sequence for r in responses] == list(range(1, len(unacked) + 1))
+    assert sum(r.ack.inserted + r.ack.duplicates for r in responses) == 200 * len(unacked)
+    total = 200 * len(batches)
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == total
+    assert await db.fetchval("SELECT count(DISTINCT event_id) FROM traffic_logs") == total
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_totals") == total
+    second.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(second.process.wait(), 30) == 0
+
+
+async def test_sigterm_acks_what_it_took_and_exits_cleanly(
+    spawn: Spawn, db: asyncpg.Connection
+) -> None:
+    collector = await spawn()
+    batches = _batches(10, 100)
+    acked: dict[int, int] = {}
+    async with grpc.aio.insecure_channel(collector.target) as channel:
+        session = await open_session(channel)
+        for number, events in enumerate(batches, start=1):
+            await session.send(batch(number, events))
+        first = await session.recv()
+        acked[first.ack.sequence] = first.ack.inserted
+        collector.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (response := await session.call.read()) is not grpc.aio.EOF:
+                acked[response.ack.sequence] = response.ack.inserted
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await asyncio.wait_for(collector.process.wait(), 30) == 0
+    # Acks came in order, each for a committed batch; the rest the node still has.
+    assert sorted(acked) == list(range(1, len(acked) + 1))
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") >= 100 * len(acked)
