@@ -21,7 +21,7 @@ system-deps:
 	  else echo "please install:$$missing" >&2; exit 1; fi; fi
 
 run: $(STAMP)
-	$(BIN)/socks5-analytics proxy --config $(CONFIG)
+	$(BIN)/socks5-analytics up --config $(CONFIG)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .

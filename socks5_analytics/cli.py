@@ -72,6 +72,12 @@ def _database_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"database": {"url": args.database_url}}
 
 
+def _run_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from socks5_analytics.stack import run
+
+    return run(settings, args.config)
+
+
 def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     from socks5_analytics.passwords import hash_password
 
@@ -95,6 +101,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack = commands.add_parser(
+        "up", help="the whole stack on this machine: database, collector, API, proxy"
+    )
+    _add_config(stack)
+    stack.add_argument("--database-url", metavar="URL",
+                       help="PostgreSQL URL (default: an embedded server)")
+    stack.set_defaults(handler=_run_stack, overrides=_database_overrides)
 
     proxy = commands.add_parser("proxy", help="run a SOCKS5 proxy node")
     _add_config(proxy)
