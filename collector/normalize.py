@@ -143,6 +143,34 @@ class DomainRules:
     _memo: dict[str, tuple[str | None, str | None, str | None]] = field(
         default_factory=dict, repr=False
     )
+    _hosts: dict[str, tuple[str | None, str | None]] = field(default_factory=dict, repr=False)
+    _ips: dict[bytes, IPAddress] = field(default_factory=dict, repr=False)
+
+    def host(self, text: str) -> tuple[str | None, str | None]:
+        """(dest_host, reason): an IP literal in canonical text, else a canonical name."""
+        known = self._hosts.get(text)
+        if known is not None:
+            return known
+        answer: tuple[str | None, str | None]
+        try:
+            answer = (str(canonical_ip(ip_address(text).packed)), None)
+        except ValueError:
+            domain, _, reason = self.domain(text)
+            answer = (None, reason) if reason is not None else (domain or text, None)
+        if len(self._hosts) >= _DOMAIN_CACHE_SIZE:
+            self._hosts.clear()
+        self._hosts[text] = answer
+        return answer
+
+    def ip(self, raw: bytes) -> IPAddress:
+        """`canonical_ip`, remembered: a node's clients and destinations repeat."""
+        known = self._ips.get(raw)
+        if known is None:
+            known = canonical_ip(raw)
+            if len(self._ips) >= _DOMAIN_CACHE_SIZE:
+                self._ips.clear()
+            self._ips[raw] = known
+        return known
 
     def domain(self, text: str) -> tuple[str | None, str | None, str | None]:
         """(domain, registered_domain, reason) for a name the client sent."""
@@ -230,9 +258,9 @@ def _time(message: Any, name: str, now: datetime, skew: timedelta,
     return moment
 
 
-def _ip(raw: bytes, name: str, problems: list[str]) -> IPAddress | None:
+def _ip(raw: bytes, name: str, rules: DomainRules, problems: list[str]) -> IPAddress | None:
     try:
-        return canonical_ip(raw)
+        return rules.ip(raw)
     except ValueError as exc:
         problems.append(f"{name}: {exc}")
         return None
@@ -288,16 +316,10 @@ def _dest_host(message: pb.ConnectionEvent, rules: DomainRules,
                problems: list[str]) -> str | None:
     if not message.HasField("dest_host") or not message.dest_host:
         return None
-    text = message.dest_host
-    try:
-        return str(canonical_ip(ip_address(text).packed))
-    except ValueError:
-        pass
-    domain, _, reason = rules.domain(text)
+    host, reason = rules.host(message.dest_host)
     if reason is not None:
         problems.append(f"dest_host: {reason}")
-        return None
-    return domain if domain is not None else text
+    return host
 
 
 def normalize_event(
@@ -317,7 +339,7 @@ def normalize_event(
     ended_at = _time(message, "ended_at", now, skew, problems)
     if started_at is not None and ended_at is not None and ended_at < started_at:
         problems.append(f"ended_at: {ended_at.isoformat()} is before started_at")
-    source_ip = _ip(message.source_ip, "source_ip", problems)
+    source_ip = _ip(message.source_ip, "source_ip", rules, problems)
     if message.source_port > 65535:
         problems.append(f"source_port: {message.source_port} is over 65535")
     user = _text(message.user, "user", _MAX_NAME, problems)
@@ -325,7 +347,7 @@ def normalize_event(
     protocol = _enum(message.protocol, _PROTOCOLS, "protocol", problems)
     dest_host = _dest_host(message, rules, problems)
     domain, registered = _names(message, rules, problems)
-    dest_ip = _ip(message.dest_ip, "dest_ip", problems) if message.dest_ip else None
+    dest_ip = _ip(message.dest_ip, "dest_ip", rules, problems) if message.dest_ip else None
     dest_port = message.dest_port if message.HasField("dest_port") else None
     if dest_port is not None and dest_port > 65535:
         problems.append(f"dest_port: {dest_port} is over 65535")
@@ -387,7 +409,7 @@ def normalize_interim(
     reported_at = _time(message, "reported_at", now, skew, problems)
     if started_at is not None and reported_at is not None and reported_at < started_at:
         problems.append(f"reported_at: {reported_at.isoformat()} is before started_at")
-    source_ip = _ip(message.source_ip, "source_ip", problems)
+    source_ip = _ip(message.source_ip, "source_ip", rules, problems)
     user = _text(message.user, "user", _MAX_NAME, problems)
     domain, registered = _names(message, rules, problems)
     bytes_out = _count(message.bytes_out, "bytes_out", problems)
