@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from proxy_node.access import AccessRules, compile_rules
 from proxy_node.errors import ConnectionNotAllowed
-from proxy_node.limits import AuthThrottle, ConnectionLimiter
+from proxy_node.limits import AuthThrottle, BandwidthLimiter, ConnectionLimiter, TokenBucket
 from proxy_node.policy import Policy, UserEntry
 from proxy_node.resolver import SockAddr
 
@@ -34,6 +34,7 @@ class Gatekeeper:
     def __init__(self, policy: Policy) -> None:
         self.per_source = ConnectionLimiter()
         self.per_user = ConnectionLimiter()
+        self.bandwidth = BandwidthLimiter()
         self.update(policy)
 
     def update(self, policy: Policy) -> None:
@@ -75,6 +76,13 @@ class Gatekeeper:
             rate=user.connections_per_second,
             now=time.monotonic(),
         )
+
+    def bandwidth_buckets(self, admission: Admission) -> tuple[TokenBucket, TokenBucket] | None:
+        """The (upload, download) byte buckets of the session's user, if they have a cap."""
+        user = self.users.get(admission.user) if admission.user is not None else None
+        if user is None or not user.max_bytes_per_second:
+            return None
+        return self.bandwidth.buckets(user.username, user.max_bytes_per_second)
 
     def release(self, admission: Admission) -> None:
         """The session counted by `admission` has ended."""

@@ -12,7 +12,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["AuthThrottle", "ConnectionLimiter", "TokenBucket"]
+__all__ = ["AuthThrottle", "BandwidthLimiter", "ConnectionLimiter", "TokenBucket"]
 
 
 @dataclass(slots=True)
@@ -34,6 +34,22 @@ class TokenBucket:
             self.tokens -= amount
             return True
         return False
+
+    def available(self, now: float) -> int:
+        """Whole tokens available now (after refilling)."""
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return int(self.tokens)
+
+    def consume(self, amount: float) -> None:
+        """Spend tokens already granted by `available` (may go negative: a debt)."""
+        self.tokens -= amount
+
+    def wait_time(self, amount: float = 1.0) -> float:
+        """Seconds until `amount` tokens will be there, as of the last refill."""
+        return max(0.0, (amount - self.tokens) / self.rate)
 
     def full_at(self, now: float) -> bool:
         """Whether the bucket would be full at `now` (then it can be forgotten)."""
@@ -83,6 +99,21 @@ class ConnectionLimiter:
         self._last_sweep = now
         for key in [k for k, b in self._buckets.items() if b.full_at(now)]:
             del self._buckets[key]
+
+
+class BandwidthLimiter:
+    """Per-user byte buckets, one per direction, shared by all of a user's connections."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+
+    def buckets(self, user: str, bytes_per_second: int) -> tuple[TokenBucket, TokenBucket]:
+        """(upload, download) buckets of `user` at this rate (a new rate starts afresh)."""
+        pair = self._buckets.get(user)
+        if pair is None or pair[0].rate != bytes_per_second:
+            pair = (_bucket(bytes_per_second), _bucket(bytes_per_second))
+            self._buckets[user] = pair
+        return pair
 
 
 class AuthThrottle:

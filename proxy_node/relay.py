@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from proxy_node.events import ConnectionRecord
+from proxy_node.limits import TokenBucket
 
 __all__ = ["SPLICE_AFTER", "RelayBuffer", "RelayMode", "TcpRelay", "splice_supported"]
 
@@ -53,6 +54,7 @@ class _Flow:
     """One direction: read from `src`, write to `dst`."""
 
     __slots__ = (
+        "bucket",
         "count",
         "done",
         "download",
@@ -85,14 +87,39 @@ class _Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.in_pipe = 0
+        self.bucket: TokenBucket | None = None  # a user's bandwidth cap, if any
+
+    def _allowance(self, wanted: int) -> int:
+        """How many bytes the bandwidth cap lets this flow read now (0: it paused)."""
+        bucket = self.bucket
+        if bucket is None:
+            return wanted
+        available = bucket.available(time.monotonic())
+        if available > 0:
+            return min(wanted, available)
+        relay = self.relay
+        relay.loop.remove_reader(self.src_fd)
+        relay.loop.call_later(bucket.wait_time(min(wanted, bucket.burst)), self._resume)
+        return 0
+
+    def _resume(self) -> None:
+        if not self.relay.closed and not self.eof and not self.pending and not self.in_pipe:
+            callback = self.on_splice_readable if self.splicing else self.on_readable
+            self.relay.loop.add_reader(self.src_fd, callback)
 
     # -- copy mode ------------------------------------------------------------------------
 
     def on_readable(self) -> None:
         relay = self.relay
         buffer = relay.buffer
+        wanted = self._allowance(len(buffer.data)) if self.bucket is not None else 0
         try:
-            received = self.src.recv_into(buffer.data)
+            if self.bucket is None:
+                received = self.src.recv_into(buffer.data)
+            elif wanted:
+                received = self.src.recv_into(buffer.data, wanted)
+            else:
+                return
         except _RETRY:
             return
         except OSError:
@@ -101,6 +128,8 @@ class _Flow:
         if received == 0:
             self._on_eof()
             return
+        if self.bucket is not None:
+            self.bucket.consume(received)
         loop_time = relay.loop.time()
         relay.last_activity = loop_time
         if self.download and relay.record.first_byte_mono is None:
@@ -161,8 +190,11 @@ class _Flow:
 
     def on_splice_readable(self) -> None:
         relay = self.relay
+        wanted = self._allowance(_PIPE_SIZE)
+        if not wanted:
+            return
         try:
-            moved = os.splice(self.src_fd, self.pipe_w, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+            moved = os.splice(self.src_fd, self.pipe_w, wanted, flags=_SPLICE_FLAGS)
         except _RETRY:
             return
         except OSError:
@@ -171,6 +203,8 @@ class _Flow:
         if moved == 0:
             self._on_eof()
             return
+        if self.bucket is not None:
+            self.bucket.consume(moved)
         loop_time = relay.loop.time()
         relay.last_activity = loop_time
         if self.download and relay.record.first_byte_mono is None:

@@ -303,6 +303,10 @@ class Session:
             half_close_timeout=settings.half_close_timeout,
             on_close=self._relay_closed,
         )
+        if self.admission is not None:
+            buckets = self.server.rules.bandwidth_buckets(self.admission)
+            if buckets is not None:
+                self.relay.up.bucket, self.relay.down.bucket = buckets
         self.relay.start(early_data)
 
     def _relay_closed(self, relay: TcpRelay, reason: str) -> None:
