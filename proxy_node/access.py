@@ -57,6 +57,17 @@ def _plain(address: IPAddress) -> IPAddress:
     return address
 
 
+def _network(cidr: str) -> IPNetwork:
+    """A CIDR from the policy; an IPv4-mapped IPv6 network (::ffff:a.b.c.d/104..128) is the
+    IPv4 network it maps, since addresses are compared after `_plain`."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 def is_private(address: IPAddress) -> bool:
     """Whether `block_private` keeps the proxy away from this address."""
     plain = _plain(address)
@@ -105,7 +116,7 @@ def _compile_rule(rule: DestinationRule) -> _CompiledRule:
         verdict=rule.action,
         exact=frozenset(d for d in domains if not d.startswith(".")),
         suffixes=tuple(d for d in domains if d.startswith(".")),
-        networks=tuple(ipaddress.ip_network(c, strict=False) for c in rule.cidrs),
+        networks=tuple(_network(c) for c in rule.cidrs),
         ports=tuple(ports),
         commands=frozenset(rule.commands),
     )
@@ -135,9 +146,11 @@ class AccessRules:
         for rule in self.rules:
             if not rule.applies_to(command, port):
                 continue
+            if not rule.names_domains and not rule.names_addresses:
+                return rule.verdict  # a rule on ports/commands alone: no lookup needed
             if rule.names_domains and rule.matches_domain(domain):
                 return rule.verdict
-            if rule.names_addresses or not rule.names_domains:
+            if rule.names_addresses:
                 return None
         return None
 
@@ -163,7 +176,7 @@ class AccessRules:
 def compile_rules(policy: Policy) -> AccessRules:
     """Compile a validated policy's whitelist and destination rules."""
     return AccessRules(
-        whitelist=tuple(ipaddress.ip_network(c, strict=False) for c in policy.whitelist),
+        whitelist=tuple(_network(c) for c in policy.whitelist),
         rules=tuple(_compile_rule(rule) for rule in policy.destinations.rules),
         block_private=policy.destinations.block_private,
     )
