@@ -14,6 +14,7 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 from collector.normalize import DomainRules, default_suffix_list
 from collector.publisher import Publisher
@@ -53,9 +54,18 @@ def build_server(settings: Settings, repository: Repository) -> CollectorServer:
                             max_batch_items=config.max_batch_items,
                             max_pending=config.stream_max_pending),
     )
+    tls = config.tls
+
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if tls.enabled and path is not None else None
+
     options = ServerOptions(max_message_bytes=config.max_message_bytes,
                             keepalive_time=config.keepalive_time,
-                            keepalive_timeout=config.keepalive_timeout)
+                            keepalive_timeout=config.keepalive_timeout,
+                            token=config.token.get_secret_value() if config.token else None,
+                            tls_cert=read(tls.cert_file),
+                            tls_key=read(tls.key_file),
+                            client_ca=read(tls.client_ca_file))
     return CollectorServer(servicer, publisher, options=options)
 
 

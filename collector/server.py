@@ -8,6 +8,7 @@ did not commit in time was never acked, so its node still has it and resends it 
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,22 @@ class ServerOptions:
     max_message_bytes: int = 4 * 1024 * 1024
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
+    # The shared secret nodes must send as `authorization: Bearer <token>`; None: not required.
+    token: str | None = None
+    # PEM certificate chain and key: TLS on; a client CA bundle: client certificates required.
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS server credentials, or None for plaintext."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """gRPC core's channel arguments for these settings."""
@@ -69,6 +86,27 @@ class _RefuseWhileStopping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
+class _RequireToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Calls without the shared token end UNAUTHENTICATED before reaching the servicer."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(presented).encode(), self._expected):
+            return await continuation(handler_call_details)
+
+        async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class CollectorServer:
     """A grpc.aio server for one servicer and its publisher."""
 
@@ -76,16 +114,26 @@ class CollectorServer:
                  options: ServerOptions = ServerOptions()) -> None:
         self.servicer = servicer
         self.publisher = publisher
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            _RefuseWhileStopping(lambda: servicer.stopping)
+        ]
+        if options.token is not None:
+            interceptors.append(_RequireToken(options.token))
         self._server = grpc.aio.server(
-            interceptors=[_RefuseWhileStopping(lambda: servicer.stopping)],
+            interceptors=interceptors,
             options=options.channel_options(),
         )
+        self._credentials = options.credentials()
         self._server.add_generic_rpc_handlers((method_handlers(servicer),))
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Start the publisher and listen on (host, port); returns the bound address."""
-        bound = self._server.add_insecure_port(format_address(host, port))
+        address = format_address(host, port)
+        if self._credentials is not None:
+            bound = self._server.add_secure_port(address, self._credentials)
+        else:
+            bound = self._server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"cannot listen on {format_address(host, port)}")
         await self.publisher.start()

@@ -309,17 +309,26 @@ class GrpcExporter:
         )).SerializeToString())
 
     async def _stream(self, target: str) -> None:
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
         ]
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
+        tls = self.settings.tls
+        if tls.enabled:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            channel = grpc.aio.secure_channel(target, self._credentials(), options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        token = self.settings.token
+        metadata = (("authorization", f"Bearer {token.get_secret_value()}"),) if token else None
+        async with channel:
             stream = channel.stream_stream(
                 _METHOD, request_serializer=None,
                 response_deserializer=ingest.IngestResponse.FromString,
             )
-            call = stream()
+            call = stream(metadata=metadata)
             write_lock = asyncio.Lock()
 
             async def write(data: bytes) -> None:
@@ -359,6 +368,19 @@ class GrpcExporter:
                 heart.cancel()
                 reader.cancel()
                 call.cancel()
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials, re-read at each connect so rotated certificates are picked up."""
+        tls = self.settings.tls
+
+        def read(path: Any) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(tls.ca_file),
+            private_key=read(tls.key_file),
+            certificate_chain=read(tls.cert_file),
+        )
 
     async def _wait_or_broken(self, awaitable: Any, reader: asyncio.Task[None]) -> None:
         waiter = asyncio.ensure_future(awaitable)

@@ -103,6 +103,41 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class TlsClientSettings(_Section):
+    """TLS from a proxy node to the collectors (mTLS when a certificate is given)."""
+
+    enabled: bool = False
+    # PEM bundle of the CAs that sign the collectors' certificates; null: the system's
+    ca_file: Path | None = None
+    # this node's client certificate and key (PEM), for collectors that require mTLS
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # the name to check in the collector's certificate, when it differs from the address
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsClientSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class TlsServerSettings(_Section):
+    """TLS on the collector's gRPC port; a client CA makes client certificates mandatory."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # PEM bundle of the CAs that sign the proxies' client certificates: set = mTLS required
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsServerSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("TLS needs cert_file and key_file")
+        return self
+
+
 class EventSinkSettings(_Section):
     """Where a proxy node sends its connection events, and how."""
 
@@ -123,6 +158,9 @@ class EventSinkSettings(_Section):
     backoff_initial: Seconds = 0.1
     backoff_max: Seconds = 10.0
     drain_timeout: float = Field(default=5.0, ge=0, le=600)
+    # Shared secret the collector requires (sent as `authorization: Bearer ...`).
+    token: SecretStr | None = Field(default=None, min_length=16)
+    tls: TlsClientSettings = TlsClientSettings()
 
     @field_validator("collectors", mode="before")
     @classmethod
@@ -253,6 +291,9 @@ class CollectorSettings(_Section):
     psl_private_domains: bool = False
     # seconds SIGTERM gives queued batches to commit and be acked before streams are closed
     shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
+    # shared secret every proxy must present (authorization: Bearer ...); null: none required
+    token: SecretStr | None = Field(default=None, min_length=16)
+    tls: TlsServerSettings = TlsServerSettings()
 
     @model_validator(mode="after")
     def _backoff(self) -> CollectorSettings:
