@@ -1,0 +1,144 @@
+"""The Sanic application: `create_app(settings)` wires blueprints, auth, CORS, limits,
+metrics, the OpenAPI document and the one error handler; listeners open and close the
+repository's pool on `app.ctx`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse
+from sanic_ext import Extend
+
+from api import errors
+from api.blueprints import dashboard, health, logs, nodes, stats
+from api.errors import UnauthorizedError
+from api.metrics import ApiMetrics
+from socks5_analytics import __version__
+from socks5_analytics.config import Settings
+from socks5_analytics.storage import Repository
+
+__all__ = ["create_app"]
+
+_names = itertools.count()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _configure(app: Sanic, settings: Settings) -> None:
+    api = settings.api
+    app.config.update({
+        "REQUEST_MAX_SIZE": api.max_request_size,
+        "REQUEST_MAX_HEADER_SIZE": min(api.max_request_size, 8192 * 2),
+        "REQUEST_TIMEOUT": api.request_timeout,
+        "RESPONSE_TIMEOUT": api.response_timeout,
+        "KEEP_ALIVE_TIMEOUT": api.keep_alive_timeout,
+        "ACCESS_LOG": False,
+        "FALLBACK_ERROR_FORMAT": "json",
+        # sanic-ext: its UI slot at /docs shows our own page (its Redoc and Swagger pages
+        # load from a CDN); the document is also at /openapi.json, where DESIGN.md puts it.
+        "OAS_URL_PREFIX": "/docs",
+        "OAS_URI_TO_JSON": "/openapi.json",
+        "OAS_UI_DEFAULT": "redoc",
+        "OAS_UI_REDOC": True,
+        "OAS_URI_TO_REDOC": "/redoc",
+        "OAS_PATH_TO_REDOC_HTML": str(dashboard.STATIC / "docs.html"),
+        "OAS_UI_SWAGGER": False,
+        "OAS_AUTODOC": False,
+        "OAS_IGNORE_HEAD": True,
+        "OAS_IGNORE_OPTIONS": True,
+        "CORS": bool(api.cors_origins),
+        "CORS_ORIGINS": ",".join(api.cors_origins),
+        "CORS_AUTOMATIC_OPTIONS": bool(api.cors_origins),
+        "CORS_ALLOW_HEADERS": "authorization",
+        "CORS_METHODS": "GET, OPTIONS",
+        "CORS_MAX_AGE": 600,
+        "HEALTH": False,
+    })
+
+
+def create_app(
+    settings: Settings,
+    *,
+    repository: Repository | None = None,
+    clock: Callable[[], datetime] = _utc_now,
+    name: str | None = None,
+) -> Sanic:
+    """The API app. With `repository`, the caller owns it (tests, `up`); without, the app
+    opens one from `settings.database` before serving and closes it after."""
+    app = Sanic(name or f"socks5_analytics_api_{next(_names)}", env_prefix="S5A_SANIC_")
+    _configure(app, settings)
+    app.ctx.settings = settings
+    app.ctx.clock = clock
+    app.ctx.repository = repository
+    app.ctx.metrics = ApiMetrics()
+    Extend(app)
+    app.ext.openapi.describe(
+        "socks5-analytics stats API", version=__version__,
+        description="Connection analytics of the SOCKS5 proxy nodes. All JSON; bad input is "
+        "a 400 with `{\"error\": {\"code\", \"message\"}}`.",
+    )
+    app.ext.openapi.add_security_scheme("token", "http", scheme="bearer")
+    for module in (stats, logs, nodes, health, dashboard):
+        app.blueprint(module.blueprint(settings.api))
+
+    token = settings.api.token
+    expected = token.get_secret_value().encode() if token is not None else None
+
+    @app.on_request(priority=100)
+    async def start_clock(request: Request) -> None:
+        request.ctx.started = time.perf_counter()
+
+    @app.on_request(priority=90)
+    async def authenticate(request: Request) -> None:
+        if expected is None or request.method == "OPTIONS":
+            return
+        route = request.route
+        if route is not None and getattr(route.ctx, "public", False):
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 expected):
+            raise UnauthorizedError("this route needs `Authorization: Bearer <token>`")
+
+    @app.on_response(priority=100)
+    async def count(request: Request, response: HTTPResponse) -> None:
+        started = getattr(request.ctx, "started", None)
+        # The route's name without the app's ("<app>.<blueprint>.<route>").
+        route = (request.route.name.partition(".")[2] if request.route is not None
+                 else "unmatched")
+        if started is not None:
+            app.ctx.metrics.observe(route=route, method=request.method,
+                                    status=response.status,
+                                    seconds=time.perf_counter() - started)
+
+    @app.before_server_start
+    async def docs_pages_are_public(app: Sanic) -> None:
+        # The docs pages carry no data; they fetch the document with the user's token.
+        for route in app.router.routes:
+            if route.name.endswith(("openapi.index", "openapi.redoc")):
+                route.ctx.public = True
+
+    @app.before_server_start
+    async def open_repository(app: Sanic) -> None:
+        if app.ctx.repository is None:
+            app.ctx.repository = await Repository.from_settings(
+                settings.database, application_name="socks5-analytics-api"
+            )
+            app.ctx.owns_repository = True
+
+    @app.after_server_stop
+    async def close_repository(app: Sanic) -> None:
+        if getattr(app.ctx, "owns_repository", False):
+            await app.ctx.repository.close()
+
+    errors.install(app)
+    return app

@@ -1,0 +1,64 @@
+"""/healthz, /readyz, /metrics (public: for orchestrators and Prometheus) and /openapi.json."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json, raw
+from sanic_ext.extensions.openapi import openapi
+from sanic_ext.extensions.openapi.builders import SpecificationBuilder
+
+from api.context import query, repository
+from api.errors import NotReadyError
+from api.openapi import describe
+from socks5_analytics.config import ApiSettings
+from socks5_analytics.storage.errors import StorageError
+from socks5_analytics.storage.migrate import head_revision
+
+__all__ = ["blueprint"]
+
+
+def blueprint(settings: ApiSettings) -> Blueprint:
+    """The health, metrics and document routes."""
+    bp = Blueprint("health")
+
+    @bp.get("/healthz", name="healthz", ctx_public=True)
+    @describe(route="none", response="health", tag="health", secured=False, errors=(400,),
+              summary="Liveness: the process answers", description="Always 200 while up.")
+    async def healthz(request: Request) -> HTTPResponse:
+        query(request, "none")
+        return json({"status": "ok"})
+
+    @bp.get("/readyz", name="readyz", ctx_public=True)
+    @describe(route="none", response="ready", tag="health", secured=False, errors=(400, 503),
+              summary="Readiness: the database answers and its schema is the newest",
+              description="503 with the error object when the database is unreachable or "
+              "not migrated to the newest revision.")
+    async def readyz(request: Request) -> HTTPResponse:
+        query(request, "none")
+        repo = repository(request)
+        try:
+            await repo.ping()
+            revision = await repo.schema_revision()
+            head = head_revision()
+        except StorageError as exc:
+            raise NotReadyError(f"not ready: {exc}") from exc
+        if revision != head:
+            raise NotReadyError(f"the schema is at {revision}, not {head}: run "
+                                "`socks5-analytics migrate`")
+        return json({"status": "ready", "schema_revision": revision})
+
+    @bp.get("/metrics", name="metrics", ctx_public=True)
+    @describe(route="none", response="text", tag="health", secured=False, errors=(400,),
+              summary="Prometheus metrics", description="The text exposition format.")
+    async def metrics(request: Request) -> HTTPResponse:
+        query(request, "none")
+        return raw(request.app.ctx.metrics.render(),
+                   content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @bp.get("/openapi.json", name="openapi_document")
+    @openapi.exclude()
+    async def document(request: Request) -> HTTPResponse:
+        query(request, "none")
+        return json(SpecificationBuilder().build(request.app).serialize())
+
+    return bp

@@ -1,0 +1,350 @@
+"""Query-string parsing: pure functions from the raw arguments to the repository's inputs.
+
+Every function here takes text and returns a value or raises `BadParameterError` naming the
+parameter; none touches a request or the network, so each is tested by a table. The
+parameter *names* each route accepts are fixed here too (`ROUTE_PARAMETERS`), and so are
+their OpenAPI schemas (`SCHEMAS`), so the document and the parser cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import idna
+
+from api.errors import BadParameterError
+from socks5_analytics.storage.models import IPAddress, StatsFilter, TrafficInterval
+from socks5_analytics.storage.schema import STATUSES
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_WINDOW",
+    "INTERVALS",
+    "MAX_LIMIT",
+    "MAX_OFFSET",
+    "ROUTE_PARAMETERS",
+    "SCHEMAS",
+    "ListQuery",
+    "choose_interval",
+    "count_points",
+    "parse_choice",
+    "parse_cursor",
+    "parse_domain",
+    "parse_filter",
+    "parse_int",
+    "parse_ip",
+    "parse_list_query",
+    "parse_node",
+    "parse_status",
+    "parse_time",
+    "parse_user",
+    "parse_window",
+    "single_values",
+]
+
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000_000
+DEFAULT_WINDOW = timedelta(hours=24)
+# Times outside this range are refused: they are no traffic this system can have seen, and
+# arithmetic on them (a default window, minute rounding) would overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+INTERVALS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+}
+# With no `interval`, the finest one that gives at most this many points.
+AUTO_POINTS = 720
+# Bucket boundaries are whole UTC minutes, hours and days counted from this origin.
+_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+_UNIX = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+FILTERS = ("user", "source_ip", "domain", "node", "status")
+WINDOW = ("from", "to")
+PAGE = ("limit", "offset")
+
+ROUTE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "top_domains": (*WINDOW, *PAGE, *FILTERS, "sort", "group"),
+    "source_ips": (*WINDOW, *PAGE, *FILTERS, "sort"),
+    "users": (*WINDOW, *PAGE, *FILTERS, "sort"),
+    "traffic": (*WINDOW, *FILTERS, "interval"),
+    "latency": (*WINDOW, *PAGE, *FILTERS, "group_by"),
+    "statuses": (*WINDOW, *PAGE, *FILTERS),
+    "logs": (*WINDOW, *PAGE, *FILTERS, "cursor"),
+    "nodes": PAGE,
+    "none": (),
+}
+
+_TIME_SCHEMA = {
+    "type": "string",
+    "description": "ISO 8601 (`2026-03-10T12:00:00Z`, an offset, or none for UTC) or unix "
+    "seconds (`1773144000`)",
+}
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "from": {**_TIME_SCHEMA, "description": "Start of the window, inclusive. "
+             + _TIME_SCHEMA["description"] + ". Default: `to` minus 24 hours."},
+    "to": {**_TIME_SCHEMA, "description": "End of the window, exclusive. "
+           + _TIME_SCHEMA["description"] + ". Default: now."},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT,
+              "description": "Items per page."},
+    "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0,
+               "description": "Items to skip."},
+    "user": {"type": "string", "maxLength": 255,
+             "description": "Only this RFC 1929 user; empty: only unauthenticated connections."},
+    "source_ip": {"type": "string", "format": "ip",
+                  "description": "Only this client address (IPv4 or IPv6)."},
+    "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+               "description": "Only connections to this exact domain (IDNA or Unicode)."},
+    "node": {"type": "string", "minLength": 1, "maxLength": 128,
+             "description": "Only events seen by this proxy node."},
+    "status": {"type": "string", "enum": sorted(STATUSES),
+               "description": "Only connections that ended with this status."},
+    "sort": {"type": "string", "enum": ["connections", "bytes"], "default": "connections",
+             "description": "Order by connections or by bytes in + out, most first."},
+    "group": {"type": "string", "enum": ["domain", "registered_domain"], "default": "domain",
+              "description": "Group by the full domain or its registrable part."},
+    "interval": {"type": "string", "enum": list(INTERVALS),
+                 "description": "Bucket width. Default: the finest giving at most "
+                 f"{AUTO_POINTS} points."},
+    "group_by": {"type": "string", "enum": ["domain"],
+                 "description": "Per destination domain: a list of latency summaries."},
+    "cursor": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,200}$",
+               "description": "The `next_cursor` of the previous page: continue after it."},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """What a stats or logs route asks the repository: window, filters, page."""
+
+    flt: StatsFilter
+    limit: int
+    offset: int
+
+
+def single_values(
+    args: Mapping[str, Sequence[str]], allowed: Sequence[str]
+) -> dict[str, str]:
+    """One value per parameter; an unknown or repeated parameter is an error."""
+    values: dict[str, str] = {}
+    for name, given in args.items():
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise BadParameterError(name, f"unknown parameter (this route takes: {known})",
+                                    code="unknown_parameter")
+        if len(given) != 1:
+            raise BadParameterError(name, "given more than once")
+        values[name] = given[0]
+    return values
+
+
+def parse_time(name: str, text: str) -> datetime:
+    """ISO 8601 (no offset: UTC) or unix seconds, as an aware UTC datetime."""
+    text = text.strip()
+    moment: datetime | None = None
+    try:
+        if _UNIX.fullmatch(text):
+            seconds = float(text)
+            if not EARLIEST.timestamp() <= seconds < LATEST.timestamp():
+                raise ValueError
+            moment = datetime.fromtimestamp(seconds, UTC)
+        else:
+            for candidate in (text, _restore_plus(text)):
+                try:
+                    moment = datetime.fromisoformat(candidate)
+                    break
+                except ValueError:
+                    continue
+            if moment is not None:
+                if moment.tzinfo is None:
+                    moment = moment.replace(tzinfo=UTC)
+                moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        moment = None
+    if moment is None:
+        raise BadParameterError(
+            name, f"expected ISO 8601 or unix seconds, got {text[:64]!r}"
+        )
+    if not EARLIEST <= moment < LATEST:
+        raise BadParameterError(name, "must be from 1970-01-01 to 9998-12-31 (UTC)")
+    return moment
+
+
+def _restore_plus(text: str) -> str:
+    """An unencoded `+01:00` offset arrives as ` 01:00`: put the plus back."""
+    head, sep, tail = text.rpartition(" ")
+    return f"{head}+{tail}" if sep and "T" in head else text
+
+
+def parse_window(
+    since_text: str | None, until_text: str | None, *, now: datetime
+) -> tuple[datetime, datetime]:
+    """`from` and `to` with their defaults (the 24 hours before `to`, `to` = now)."""
+    until = parse_time("to", until_text) if until_text is not None else now
+    if since_text is not None:
+        since = parse_time("from", since_text)
+    else:
+        since = max(until - DEFAULT_WINDOW, EARLIEST)
+    if since > until:
+        raise BadParameterError("from", f"is after to ({since.isoformat()} > "
+                                f"{until.isoformat()})", code="invalid_range")
+    return since, until
+
+
+def parse_int(name: str, text: str, *, minimum: int, maximum: int) -> int:
+    """A decimal integer within [minimum, maximum]."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 12:
+        raise BadParameterError(name, f"expected an integer from {minimum} to {maximum}, "
+                                f"got {text[:32]!r}")
+    value = int(stripped)
+    if not minimum <= value <= maximum:
+        raise BadParameterError(name, f"must be from {minimum} to {maximum}, got {value}")
+    return value
+
+
+def parse_choice(name: str, text: str, choices: Sequence[str]) -> str:
+    """One of `choices`, exactly."""
+    if text not in choices:
+        raise BadParameterError(name, f"must be one of {', '.join(choices)}; got {text[:32]!r}")
+    return text
+
+
+def parse_ip(name: str, text: str) -> IPAddress:
+    """An IPv4 or IPv6 address (an IPv4-mapped IPv6 address means the IPv4 one)."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise BadParameterError(name, f"not an IP address: {text[:64]!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_domain(name: str, text: str) -> str:
+    """A domain as the proxy records it: lower-case IDNA, no trailing dot."""
+    value = text.strip().rstrip(".")
+    if not value.isascii():
+        try:
+            value = idna.encode(value, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise BadParameterError(name, f"not a valid domain name: {exc}") from None
+    value = value.lower()
+    if not value or len(value) > 253 or not all(_LABEL.fullmatch(label)
+                                                for label in value.split(".")):
+        raise BadParameterError(name, f"not a valid domain name: {text[:64]!r}")
+    return value
+
+
+def parse_user(name: str, text: str) -> str:
+    """A user name as given; empty means the connections without authentication."""
+    if len(text.encode()) > 255:
+        raise BadParameterError(name, "longer than 255 bytes (RFC 1929)")
+    return text
+
+
+def parse_node(name: str, text: str) -> str:
+    """A proxy node id."""
+    if not 1 <= len(text) <= 128:
+        raise BadParameterError(name, "must be 1 to 128 characters")
+    return text
+
+
+def parse_status(name: str, text: str) -> str:
+    """One of the event statuses of DESIGN.md."""
+    return parse_choice(name, text, sorted(STATUSES))
+
+
+def parse_cursor(name: str, text: str) -> str:
+    """An opaque cursor: its shape is checked here, its meaning by the repository."""
+    if not _CURSOR.fullmatch(text):
+        raise BadParameterError(name, "malformed cursor (use the `next_cursor` of a page)")
+    return text
+
+
+def parse_filter(values: Mapping[str, str], *, now: datetime) -> StatsFilter:
+    """The window and the filters."""
+    since, until = parse_window(values.get("from"), values.get("to"), now=now)
+    source_ip = values.get("source_ip")
+    domain = values.get("domain")
+    user = values.get("user")
+    node = values.get("node")
+    status = values.get("status")
+    return StatsFilter(
+        since=since,
+        until=until,
+        user=None if user is None else parse_user("user", user),
+        source_ip=None if source_ip is None else parse_ip("source_ip", source_ip),
+        domain=None if domain is None else parse_domain("domain", domain),
+        node=None if node is None else parse_node("node", node),
+        status=None if status is None else parse_status("status", status),
+    )
+
+
+def parse_page(values: Mapping[str, str]) -> tuple[int, int]:
+    """`limit` (default 10, at most 1000) and `offset` (default 0)."""
+    limit = values.get("limit")
+    offset = values.get("offset")
+    return (
+        DEFAULT_LIMIT if limit is None else parse_int("limit", limit, minimum=1,
+                                                      maximum=MAX_LIMIT),
+        0 if offset is None else parse_int("offset", offset, minimum=0, maximum=MAX_OFFSET),
+    )
+
+
+def parse_list_query(values: Mapping[str, str], *, now: datetime) -> ListQuery:
+    """Window, filters and page of a list route."""
+    limit, offset = parse_page(values)
+    return ListQuery(flt=parse_filter(values, now=now), limit=limit, offset=offset)
+
+
+def count_points(since: datetime, until: datetime, step: timedelta) -> int:
+    """How many buckets of `step` the repository returns for [since, until)."""
+    start = since.replace(second=0, microsecond=0)
+    end = until.replace(second=0, microsecond=0)
+    if end < until:
+        end += timedelta(minutes=1)
+    first = _ORIGIN + (start - _ORIGIN) // step * step
+    if end <= first:
+        return 0
+    return -(-(end - first) // step)
+
+
+def choose_interval(
+    text: str | None, since: datetime, until: datetime, *, max_points: int
+) -> TrafficInterval:
+    """The requested interval, refused when it would give more than `max_points`; or the
+    finest interval that gives at most `AUTO_POINTS` points."""
+    if text is not None:
+        name = parse_choice("interval", text, list(INTERVALS))
+        points = count_points(since, until, INTERVALS[name])
+        if points > max_points:
+            raise BadParameterError(
+                "interval",
+                f"{name} buckets from {since.isoformat()} to {until.isoformat()} are "
+                f"{points} points; the maximum is {max_points}: choose a coarser interval "
+                "or a shorter range",
+                code="too_many_points",
+            )
+        return name  # type: ignore[return-value]
+    for name, step in INTERVALS.items():
+        if count_points(since, until, step) <= min(AUTO_POINTS, max_points):
+            return name  # type: ignore[return-value]
+    points = count_points(since, until, INTERVALS["1d"])
+    if points > max_points:
+        raise BadParameterError(
+            "from", f"the range is {points} days; the maximum is {max_points} days",
+            code="too_many_points",
+        )
+    return "1d"
+
