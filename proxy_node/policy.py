@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from socks5_analytics.passwords import PasswordHashError, parse_hash
 
@@ -67,6 +68,17 @@ class UserEntry(_Strict):
         return value
 
 
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_cidrs(values: list[str]) -> list[str]:
     for value in values:
         try:
@@ -83,16 +95,23 @@ class DestinationRule(_Strict):
     action: Literal["allow", "deny"]
     domains: list[str] = Field(default_factory=list)
     cidrs: list[str] = Field(default_factory=list)
-    ports: list[str | int] = Field(default_factory=list)
+    ports: list[str | StrictInt] = Field(default_factory=list)
     commands: list[Literal["connect", "bind", "udp_associate"]] = Field(default_factory=list)
 
     @field_validator("domains")
     @classmethod
     def _domains(cls, values: list[str]) -> list[str]:
         for value in values:
-            name = value[1:] if value.startswith(".") else value
-            if not name or " " in name or len(name) > 253:
-                raise ValueError(f"{value!r} is not a domain (use .example.com for a suffix)")
+            name = (value[1:] if value.startswith(".") else value).rstrip(".")
+            # Clients' names arrive ASCII (IDNA) and are compared as written: a wildcard or
+            # a Unicode name would be accepted here and then never match.
+            if not name or len(name) > 253 or not _DOMAIN.fullmatch(name):
+                raise ValueError(
+                    f"{value!r} is not a domain (letters, digits, '-', '_' and dots; "
+                    ".example.com for a suffix, no '*'; xn-- form for international names)"
+                )
+            if _is_address(name):
+                raise ValueError(f"{value!r} is an address: list it under cidrs")
         return values
 
     @field_validator("cidrs")
@@ -104,8 +123,8 @@ class DestinationRule(_Strict):
     @classmethod
     def _ports(cls, values: list[str | int]) -> list[str | int]:
         for value in values:
-            low, _, high = str(value).partition("-")
-            if not (low.isdigit() and (not high or high.isdigit())):
+            low, dash, high = str(value).partition("-")
+            if not (low.isdigit() and (not dash or high.isdigit())):
                 raise ValueError(f"{value!r} is not a port or a range like 1024-65535")
             first, last = int(low), int(high or low)
             if not 1 <= first <= last <= 65535:
