@@ -78,6 +78,19 @@ def _run_stack(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings, args.config)
 
 
+def _run_api(args: argparse.Namespace, settings: Settings) -> int:
+    from api.server import run
+
+    return run(settings)
+
+
+def _api_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _database_overrides(args)
+    if args.listen is not None:
+        overrides["api"] = {"listen": args.listen}
+    return overrides
+
+
 def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     from socks5_analytics.passwords import hash_password
 
@@ -142,6 +155,15 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="target revision (upgrade: head by default; downgrade: "
                          "required, `base` removes the schema)")
     migrate.set_defaults(handler=_migrate, overrides=_database_overrides)
+
+    api = commands.add_parser(
+        "api", help="run the stats API and the dashboard",
+        description="Without a database URL, uses the embedded server's database.",
+    )
+    _add_config(api)
+    api.add_argument("--listen", metavar="H:P", help="HTTP listen address (127.0.0.1:8080)")
+    api.add_argument("--database-url", metavar="URL", help="postgresql://user@host/db")
+    api.set_defaults(handler=_run_api, overrides=_api_overrides)
 
     hashing = commands.add_parser(
         "hash-password", help="read a password on stdin, print its hash for the policy file"
