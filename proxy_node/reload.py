@@ -59,6 +59,10 @@ class PolicyWatcher:
                            policy_version=self.version)
             return
         try:
+            if not text.strip():
+                # Caught between truncate and write (an in-place rewrite): applying it would
+                # drop every user, i.e. switch authentication off. Write `{}` to mean it.
+                raise PolicyError(f"{self.path}: the file is empty (a partial write?)")
             policy = parse_policy(text, source=str(self.path))
         except PolicyError as exc:
             if self._refused != text:

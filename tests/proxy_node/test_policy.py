@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from proxy_node.policy import Policy, PolicyError, load_policy, parse_policy
+from proxy_node.reload import PolicyWatcher
 from socks5_analytics.passwords import hash_password
 
 HASH = hash_password("pw", n=2**4)
@@ -201,3 +202,97 @@ def test_policies_are_immutable() -> None:
     with pytest.raises(ValueError):
         policy.whitelist = []  # type: ignore[misc]
     assert isinstance(policy, Policy)
+
+
+# -- the watcher: a new valid file applies, a bad one is refused and the old one stays -------
+
+class _Log:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict[str, object]]] = []
+
+    def error(self, message: str, **fields: object) -> None:
+        self.records.append(("error", message, fields))
+
+    def info(self, message: str, **fields: object) -> None:
+        self.records.append(("info", message, fields))
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write atomically, as Kubernetes and careful editors do (a new inode each time)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _watcher(tmp_path: Path, text: str) -> tuple[Path, PolicyWatcher, list[Policy], _Log]:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    applied: list[Policy] = []
+    log = _Log()
+    watcher = PolicyWatcher(path, current=load_policy(path), interval=1.0,
+                            apply=applied.append, log=log)
+    return path, watcher, applied, log
+
+
+def test_the_watcher_applies_a_changed_file_once(tmp_path: Path) -> None:
+    path, watcher, applied, log = _watcher(tmp_path, "whitelist: [10.0.0.0/8]\n")
+    watcher.check()
+    assert applied == []  # unchanged
+    _replace(path, "whitelist: [127.0.0.0/8]\n")
+    watcher.check()
+    watcher.check()
+    assert [p.whitelist for p in applied] == [["127.0.0.0/8"]]
+    assert watcher.version == applied[0].version
+    watcher.check(force=True)  # SIGHUP with the same content: nothing new
+    assert len(applied) == 1
+    assert log.records == []
+
+
+def test_the_watcher_sees_in_place_rewrites(tmp_path: Path) -> None:
+    path, watcher, applied, _ = _watcher(tmp_path, "whitelist: [10.0.0.0/8]\n")
+    path.write_text("whitelist: [10.0.0.0/16]\n")  # same inode, another size
+    watcher.check()
+    assert [p.whitelist for p in applied] == [["10.0.0.0/16"]]
+
+
+def test_the_watcher_refuses_a_broken_file_once_and_keeps_the_policy(tmp_path: Path) -> None:
+    path, watcher, applied, log = _watcher(tmp_path, "whitelist: [10.0.0.0/8]\n")
+    old_version = watcher.version
+    _replace(path, "whitelist: [10.0.0.0/33]\n")
+    watcher.check()
+    watcher.check(force=True)  # the same broken content is not logged twice
+    assert applied == []
+    assert len(log.records) == 1
+    level, message, fields = log.records[0]
+    assert (level, message) == ("error", "policy refused; keeping the policy in force")
+    assert "whitelist" in str(fields["error"]) and "10.0.0.0/33" in str(fields["error"])
+    assert fields["policy_version"] == old_version
+    _replace(path, "whitelist: [10.0.0.0/9]\n")
+    watcher.check()
+    assert [p.whitelist for p in applied] == [["10.0.0.0/9"]]
+
+
+def test_the_watcher_refuses_an_empty_file(tmp_path: Path) -> None:
+    """An in-place rewrite truncates first: the empty file in between must not apply (it
+    would drop every user, i.e. switch authentication off)."""
+    path, watcher, applied, log = _watcher(
+        tmp_path, yaml.safe_dump({"users": [{"username": "a", "password_hash": HASH}]}))
+    path.write_text("")
+    watcher.check()
+    assert applied == []
+    assert "empty" in str(log.records[0][2]["error"])
+    _replace(path, "{}\n")  # an explicit empty policy is fine
+    watcher.check()
+    assert len(applied) == 1 and not applied[0].requires_auth
+
+
+def test_the_watcher_keeps_the_policy_when_the_file_goes_away(tmp_path: Path) -> None:
+    path, watcher, applied, log = _watcher(tmp_path, "whitelist: [10.0.0.0/8]\n")
+    path.unlink()
+    watcher.check()
+    watcher.check()
+    assert applied == []
+    assert [r[1] for r in log.records] == ["policy file unreadable; keeping the policy in force"]
+    path.write_text("whitelist: [10.0.0.0/12]\n")
+    watcher.check()
+    assert [p.whitelist for p in applied] == [["10.0.0.0/12"]]
