@@ -62,7 +62,7 @@ INTERVALS: dict[str, timedelta] = {
     "1d": timedelta(days=1),
 }
 # With no `interval`, the finest one that gives at most this many points.
-AUTO_POINTS = 720
+AUTO_POINTS = 800
 # Bucket boundaries are whole UTC minutes, hours and days counted from this origin.
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 _UNIX = re.compile(r"-?[0-9]+(\.[0-9]+)?")

@@ -1,0 +1,146 @@
+"""Bad input over real HTTP: each case a 400 with the error object naming the parameter;
+unknown routes and methods in the same shape; the bearer token; CORS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from api_harness import RunningApi, api_settings
+
+TOKEN = "s3cret-token-of-the-tests"
+
+
+@pytest.fixture(scope="module")
+def client(database_url: str) -> Iterator[httpx.Client]:
+    with RunningApi(api_settings(database_url, max_points=5_000)) as api, \
+            httpx.Client(base_url=api.url, timeout=10) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def secured(database_url: str) -> Iterator[httpx.Client]:
+    settings = api_settings(database_url, token=TOKEN, cors_origins=["https://ui.example"])
+    with RunningApi(settings) as api, httpx.Client(base_url=api.url, timeout=10) as http:
+        yield http
+
+
+BAD = [
+    ("/stats/top-domains?from=yesterday", "from", "invalid_parameter"),
+    ("/stats/top-domains?to=2026-02-30T00:00:00Z", "to", "invalid_parameter"),
+    ("/stats/top-domains?from=2026-03-10T12:00:00Z&to=2026-03-10T11:00:00Z", "from",
+     "invalid_range"),
+    ("/stats/top-domains?limit=0", "limit", "invalid_parameter"),
+    ("/stats/top-domains?limit=1001", "limit", "invalid_parameter"),
+    ("/stats/top-domains?limit=", "limit", "invalid_parameter"),
+    ("/stats/top-domains?limit=abc", "limit", "invalid_parameter"),
+    ("/stats/top-domains?offset=-1", "offset", "invalid_parameter"),
+    ("/stats/top-domains?sort=size", "sort", "invalid_parameter"),
+    ("/stats/top-domains?group=host", "group", "invalid_parameter"),
+    ("/stats/top-domains?limit=1&limit=2", "limit", "invalid_parameter"),
+    ("/stats/top-domains?frm=2026-03-10", "frm", "unknown_parameter"),
+    ("/stats/source-ips?source_ip=300.1.1.1", "source_ip", "invalid_parameter"),
+    ("/stats/source-ips?source_ip=", "source_ip", "invalid_parameter"),
+    ("/stats/users?status=success", "status", "invalid_parameter"),
+    ("/stats/users?domain=a..b", "domain", "invalid_parameter"),
+    ("/stats/users?node=", "node", "invalid_parameter"),
+    ("/stats/traffic?interval=2m", "interval", "invalid_parameter"),
+    ("/stats/traffic?interval=1m&from=2026-01-01&to=2026-02-01", "interval",
+     "too_many_points"),
+    ("/stats/traffic?from=1970-01-01&to=2026-01-01", "from", "too_many_points"),
+    ("/stats/traffic?limit=10", "limit", "unknown_parameter"),
+    ("/stats/latency?group_by=user", "group_by", "invalid_parameter"),
+    ("/stats/statuses?sort=bytes", "sort", "unknown_parameter"),
+    ("/logs?cursor=not*a*cursor", "cursor", "invalid_parameter"),
+    ("/logs?cursor=AAAA", "cursor", "invalid_parameter"),
+    ("/logs?cursor=" + "A" * 201, "cursor", "invalid_parameter"),
+    ("/nodes?from=2026-01-01", "from", "unknown_parameter"),
+    ("/nodes?limit=5000", "limit", "invalid_parameter"),
+    ("/healthz?verbose=1", "verbose", "unknown_parameter"),
+    ("/stats/top-domains?from=%FF%FE", "from", "invalid_parameter"),
+]
+
+
+@pytest.mark.parametrize(("path", "parameter", "code"), BAD)
+def test_bad_input_is_a_400_naming_the_parameter(client: httpx.Client, path: str,
+                                                 parameter: str, code: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["parameter"]) == (code, parameter)
+    assert error["message"].startswith(f"{parameter}: ")
+
+
+def test_too_many_points_says_the_maximum(client: httpx.Client) -> None:
+    error = client.get("/stats/traffic?interval=1m&from=2026-01-01&to=2026-02-01").json()
+    assert "the maximum is 5000" in error["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", "/nope", 404, "not_found"),
+    ("GET", "/stats", 404, "not_found"),
+    ("GET", "/static/../app.py", 404, "not_found"),
+    ("GET", "/static/nothing.js", 404, "not_found"),
+    ("POST", "/stats/top-domains", 405, "method_not_allowed"),
+    ("DELETE", "/logs", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods(client: httpx.Client, method: str, path: str,
+                                    status: int, code: str) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_request_too_large(client: httpx.Client) -> None:
+    response = client.get("/healthz", headers={"x-filler": "x" * 70_000})
+    assert response.status_code in (413, 431)
+
+
+ROUTES = ["/stats/top-domains", "/stats/source-ips", "/stats/users", "/stats/traffic",
+          "/stats/latency", "/stats/statuses", "/logs", "/nodes", "/openapi.json"]
+
+
+@pytest.mark.parametrize("path", ROUTES)
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-of-the-tests", f"Basic {TOKEN}",
+                                    "Bearer", f"Bearer {TOKEN}x", TOKEN])
+def test_token_is_required(secured: httpx.Client, path: str, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    response = secured.get(path, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_token_is_accepted(secured: httpx.Client, path: str) -> None:
+    for scheme in ("Bearer", "bearer"):
+        response = secured.get(path, headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/dashboard", "/docs",
+                                  "/static/dashboard.js"])
+def test_public_routes_need_no_token(secured: httpx.Client, path: str) -> None:
+    assert secured.get(path).status_code == 200
+
+
+def test_bad_input_is_checked_after_the_token(secured: httpx.Client) -> None:
+    assert secured.get("/stats/top-domains?limit=0").status_code == 401
+
+
+def test_cors_when_configured(secured: httpx.Client, client: httpx.Client) -> None:
+    preflight = secured.options("/stats/top-domains", headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "https://ui.example"
+    allowed = secured.get("/stats/statuses", headers={"Origin": "https://ui.example",
+                                                      "Authorization": f"Bearer {TOKEN}"})
+    assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
+    other = secured.get("/stats/statuses", headers={"Origin": "https://evil.example",
+                                                    "Authorization": f"Bearer {TOKEN}"})
+    assert "access-control-allow-origin" not in other.headers
+    # off by default
+    plain = client.get("/stats/statuses", headers={"Origin": "https://ui.example"})
+    assert "access-control-allow-origin" not in plain.headers
