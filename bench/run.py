@@ -220,6 +220,11 @@ def write_results(
     table = report.markdown_table(med, servers, missing)
     notes = [f"- {name}: {text}" for name, texts in out.notes.items() for text in texts]
     notes += [f"- {name}: skipped: {reason}" for name, reason in skipped.items()]
+    notes += [
+        f"- {name}: hit the time cap in {', '.join(caps)} in at least one run "
+        "(figures are over the bytes or connections completed)"
+        for name, caps in out.caps.items()
+    ]
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": report.machine_info(),
@@ -243,6 +248,7 @@ def write_results(
         "medians": med,
         "samples": out.samples,
         "notes": out.notes,
+        "capped": out.caps,
         "skipped": skipped,
         "raw": out.raw,
     }
