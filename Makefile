@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages the tests drive as real clients and peers (curl). Only as root, only if missing.
+# Debian packages the tests drive as real clients and peers (curl; chromium and its driver for
+# the dashboard test), as command:package pairs. Only as root, only if missing.
 system-deps:
-	@missing=""; for cmd in curl; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	@missing=""; for pair in curl:curl chromium:chromium chromedriver:chromium-driver; do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  else echo "please install:$$missing" >&2; exit 1; fi; fi
