@@ -1,4 +1,5 @@
-"""The access decisions of proxy_node.access as tables: (policy, request) -> verdict.
+"""The access decisions of proxy_node.access (and the gatekeeper's admission and revocation
+checks built on them) as tables: (policy, request) -> verdict.
 
 Pure functions, no I/O: each table row is one line of the specification in docs/policy.md.
 """
@@ -6,12 +7,16 @@ Pure functions, no I/O: each table row is one line of the specification in docs/
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 import pytest
 
 from proxy_node.access import AccessRules, compile_rules, is_private
+from proxy_node.errors import ConnectionNotAllowed
+from proxy_node.gatekeeper import Admission, Gatekeeper
 from proxy_node.policy import Policy
+from socks5_analytics.passwords import hash_password
 
 
 def rules_of(**doc: Any) -> AccessRules:
@@ -316,3 +321,116 @@ WHITELIST_TABLE: list[tuple[list[str], str, bool]] = [
 @pytest.mark.parametrize(("whitelist", "source", "expected"), WHITELIST_TABLE)
 def test_whitelist(whitelist: list[str], source: str, expected: bool) -> None:
     assert rules_of(whitelist=whitelist).source_allowed(source) is expected
+
+
+# -- the gatekeeper: admission and revocation decisions ---------------------------------------
+
+HASH_A = hash_password("a", n=2**4)
+HASH_B = hash_password("b", n=2**4)
+
+
+def _policy(**doc: Any) -> Policy:
+    doc.setdefault("destinations", {"block_private": False})
+    return Policy.model_validate(doc)
+
+
+def _alice(**fields: Any) -> dict[str, Any]:
+    return {"username": "alice", "password_hash": HASH_A, **fields}
+
+
+def test_gatekeeper_admission_statuses() -> None:
+    gate = Gatekeeper(_policy(whitelist=["10.0.0.0/8"], limits={"max_connections_per_ip": 1}))
+    assert gate.admit_source("192.0.2.1") == "denied_whitelist"
+    assert gate.admit_source("10.0.0.1") is None
+    assert gate.admit_source("10.0.0.1") == "rate_limited"
+    assert gate.admit_source("::ffff:10.0.0.2") is None
+    gate.release(Admission("10.0.0.1"))
+    assert gate.admit_source("10.0.0.1") is None
+
+
+def test_gatekeeper_user_limits() -> None:
+    gate = Gatekeeper(_policy(users=[_alice(max_connections=2)]))
+    alice = gate.users["alice"]
+    assert [gate.admit_user(alice) for _ in range(3)] == [True, True, False]
+    gate.release(Admission("127.0.0.1", user="alice", password_hash=HASH_A))
+    assert gate.admit_user(alice)
+
+
+def test_gatekeeper_counters_survive_a_policy_change() -> None:
+    gate = Gatekeeper(_policy(limits={"max_connections_per_ip": 1}))
+    assert gate.admit_source("10.0.0.1") is None
+    gate.update(_policy(limits={"max_connections_per_ip": 1}, whitelist=["10.0.0.0/8"]))
+    assert gate.admit_source("10.0.0.1") == "rate_limited"
+
+
+def test_gatekeeper_auth_throttle_survives_an_unrelated_change() -> None:
+    gate = Gatekeeper(_policy(limits={"auth_failures_per_minute_per_ip": 2}))
+    gate.auth_failed("10.0.0.1")
+    gate.auth_failed("10.0.0.1")
+    assert gate.auth_blocked("10.0.0.1")
+    gate.update(_policy(limits={"auth_failures_per_minute_per_ip": 2}, whitelist=["0.0.0.0/0"]))
+    assert gate.auth_blocked("10.0.0.1")  # reloading is no way around the throttle
+
+
+def test_gatekeeper_denies_destinations_with_the_rule_set_interface() -> None:
+    gate = Gatekeeper(Policy.model_validate(
+        {"destinations": {"rules": [{"action": "deny", "domains": [".blocked.invalid"]}]}}))
+    with pytest.raises(ConnectionNotAllowed):
+        gate.check_domain("connect", "x.blocked.invalid", 443)
+    gate.check_domain("connect", "localhost", 80)  # block_private needs the addresses
+    v4 = (socket.AF_INET, ("127.0.0.1", 80))
+    v6 = (socket.AF_INET6, ("2001:db8::1", 80, 0, 0))
+    # mixed answers: pinned to the allowed addresses; none allowed: refused
+    assert gate.allowed_addresses("connect", "mixed.example", 80, [v4, v6]) == [v6]
+    with pytest.raises(ConnectionNotAllowed):
+        gate.allowed_addresses("connect", "localhost", 80, [v4])
+    with pytest.raises(ConnectionNotAllowed):
+        gate.check_destination("udp_associate", "localhost", "127.0.0.1", 53)
+    gate.check_destination("udp_associate", "2001:db8::1", "2001:db8::1", 53)
+
+
+REVOCATION_TABLE: list[tuple[str, Policy, Admission, bool]] = [
+    ("nothing changed", _policy(users=[_alice()]), Admission("127.0.0.1", "alice", HASH_A),
+     True),
+    ("the whitelist still covers the source",
+     _policy(users=[_alice()], whitelist=["127.0.0.0/8", "10.0.0.0/8"]),
+     Admission("127.0.0.1", "alice", HASH_A), True),
+    ("the source left the whitelist", _policy(users=[_alice()], whitelist=["10.0.0.0/8"]),
+     Admission("127.0.0.1", "alice", HASH_A), False),
+    ("a mapped source left the whitelist", _policy(whitelist=["10.0.0.0/8"]),
+     Admission("::ffff:127.0.0.1"), False),
+    ("the user was disabled", _policy(users=[_alice(disabled=True)]),
+     Admission("127.0.0.1", "alice", HASH_A), False),
+    ("the user was removed", _policy(users=[{"username": "bob", "password_hash": HASH_B}]),
+     Admission("127.0.0.1", "alice", HASH_A), False),
+    ("the password changed", _policy(users=[_alice(password_hash=HASH_B)]),
+     Admission("127.0.0.1", "alice", HASH_A), False),
+    ("the user's limits changed", _policy(users=[_alice(max_connections=1)]),
+     Admission("127.0.0.1", "alice", HASH_A), True),
+    ("authentication became required", _policy(users=[_alice()]), Admission("127.0.0.1"),
+     False),
+    ("authentication is still not required", _policy(limits={"max_connections": 5}),
+     Admission("127.0.0.1"), True),
+]
+
+
+@pytest.mark.parametrize(("policy", "admission", "expected"),
+                         [row[1:] for row in REVOCATION_TABLE],
+                         ids=[row[0] for row in REVOCATION_TABLE])
+def test_still_allowed(policy: Policy, admission: Admission, expected: bool) -> None:
+    gate = Gatekeeper(policy)
+    assert gate.still_allowed(admission, command="connect", domain=None,
+                              dest_ip="127.0.0.1", dest_port=80) is expected
+
+
+def test_still_allowed_rechecks_the_destination() -> None:
+    gate = Gatekeeper(_policy())
+    live = Admission("127.0.0.1")
+    args = {"command": "connect", "domain": "localhost", "dest_port": 80}
+    assert gate.still_allowed(live, dest_ip="127.0.0.1", **args)
+    gate.update(Policy())  # block_private back on
+    assert not gate.still_allowed(live, dest_ip="127.0.0.1", **args)
+    assert gate.still_allowed(live, dest_ip="192.0.2.10", **args)
+    # a session that has no destination yet is judged on its source and user only
+    assert gate.still_allowed(live, command="connect", domain=None, dest_ip=None,
+                              dest_port=None)
