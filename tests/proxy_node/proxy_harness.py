@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,18 @@ async def is_closed_by_peer(reader: asyncio.StreamReader, *, timeout: float = DE
     return True
 
 
+def event_started(event: dict[str, Any]) -> float:
+    """An event's started_at as wall-clock seconds."""
+    moment = datetime.strptime(event["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=UTC).timestamp()
+
+
+def started_after(event: dict[str, Any], since: float) -> bool:
+    """Whether the event's connection started at or after `since` (time.time() taken
+    before connecting); 10 us of slack for the microsecond rounding."""
+    return event_started(event) >= since - 1e-5
+
+
 # -- the proxy process -----------------------------------------------------------------------
 
 class ProxyProcess:
@@ -251,6 +264,7 @@ class ProxyProcess:
         self.lines: list[str] = []
         self.logs: list[dict[str, Any]] = []
         self.allow_errors = False
+        self.opened_at: dict[int, float] = {}  # client port -> when raw() connected from it
         self._ready = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pump_thread: threading.Thread | None = None
@@ -385,18 +399,31 @@ class ProxyProcess:
                                                   what=f"{count} matching event(s)")
         return result
 
-    async def event_for(self, source_port: int, timeout: float = DEADLINE) -> dict[str, Any]:
-        """The event of the connection from this client port (exactly one)."""
-        found = await self.wait_events(lambda e: e["source_port"] == source_port,
-                                       timeout=timeout)
+    async def event_for(self, source_port: int, timeout: float = DEADLINE, *,
+                        since: float | None = None) -> dict[str, Any]:
+        """The event of the connection from this client port (exactly one).
+
+        Client ports are reused over a session, so only events that started after the
+        connection was opened count: `since` (wall-clock seconds), by default the time
+        `raw()` last opened a connection from this port.
+        """
+        if since is None:
+            since = self.opened_at.get(source_port, 0.0)
+        found = await self.wait_events(
+            lambda e: e["source_port"] == source_port and started_after(e, since),
+            timeout=timeout)
         assert len(found) == 1, f"{len(found)} events for source port {source_port}: {found}"
         return found[0]
 
     # client side
 
     async def raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A plain TCP connection to the proxy."""
-        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), DEADLINE)
+        """A plain TCP connection to the proxy (its opening time kept for `event_for`)."""
+        opened = time.time()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), DEADLINE)
+        self.opened_at[int(writer.get_extra_info("sockname")[1])] = opened
+        return reader, writer
 
     async def request(self, cmd: int, host: str, port: int, *,
                       auth: tuple[str, str] | None = None, style: str = "normal",

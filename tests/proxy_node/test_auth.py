@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from proxy_harness import (
     greeting,
     is_closed_by_peer,
     socks_request,
+    started_after,
 )
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
@@ -38,6 +40,7 @@ def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProces
 async def test_python_socks_with_credentials(
     auth_proxy: ProxyProcess, echo_server: TcpServer
 ) -> None:
+    since = time.time()
     client = Proxy.from_url(f"socks5://alice:correct%20horse@127.0.0.1:{auth_proxy.port}")
     sock = await client.connect("127.0.0.1", echo_server.port, timeout=DEADLINE)
     reader, writer = await asyncio.open_connection(sock=sock)
@@ -46,7 +49,7 @@ async def test_python_socks_with_credentials(
     local_port = writer.get_extra_info("sockname")[1]
     writer.close()
     await writer.wait_closed()
-    event = await auth_proxy.event_for(local_port)
+    event = await auth_proxy.event_for(local_port, since=since)
     assert event["user"] == "alice"
     assert event["status"] == "ok"
     assert event["reply_code"] == 0
@@ -55,6 +58,7 @@ async def test_python_socks_with_credentials(
 async def test_curl_with_credentials(
     auth_proxy: ProxyProcess, http_server: tuple[str, int], curl: str
 ) -> None:
+    since = time.time()
     done = await asyncio.to_thread(
         subprocess.run,
         [curl, "-sS", "--fail", "--max-time", "20", "--noproxy", "", "--output", "-",
@@ -64,7 +68,8 @@ async def test_curl_with_credentials(
     )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == HTTP_BODY
-    await auth_proxy.wait_events(lambda e: e["user"] == "bob" and e["status"] == "ok")
+    await auth_proxy.wait_events(
+        lambda e: e["user"] == "bob" and e["status"] == "ok" and started_after(e, since))
 
 
 async def test_wrong_password_is_refused(auth_proxy: ProxyProcess) -> None:

@@ -1,0 +1,89 @@
+"""BIND against a real proxy process: two replies, an inbound connection, relaying."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from proxy_harness import BIND, DEADLINE, ProxyProcess, is_closed_by_peer, read_until_eof
+
+
+async def test_bind_accepts_one_inbound_connection_and_relays(proxy: ProxyProcess) -> None:
+    control = await proxy.request(BIND, "127.0.0.1", 0)
+    first = control.reply
+    assert first.rep == 0
+    assert first.host == "127.0.0.1"  # where the application server can reach the proxy
+    assert first.port != 0
+
+    # the "application server" connects to the announced address
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(first.host, first.port), DEADLINE)
+    inbound_addr = writer.get_extra_info("sockname")
+    second = await control.read_reply()
+    assert second.rep == 0
+    assert (second.host, second.port) == (inbound_addr[0], inbound_addr[1])
+
+    to_server = os.urandom(150_000)
+    to_client = os.urandom(70_000)
+    control.writer.write(to_server)
+    writer.write(to_client)
+    await asyncio.gather(control.writer.drain(), writer.drain())
+    got_server = await asyncio.wait_for(reader.readexactly(len(to_server)), DEADLINE)
+    got_client = await asyncio.wait_for(control.reader.readexactly(len(to_client)), DEADLINE)
+    assert (got_server, got_client) == (to_server, to_client)
+
+    # the inbound side closes first; the client still gets the EOF and may answer
+    writer.write_eof()
+    assert await read_until_eof(control.reader) == b""
+    control.writer.write(b"bye")
+    control.writer.write_eof()
+    assert await read_until_eof(reader) == b"bye"
+    writer.close()
+    await control.close()
+
+    event = await proxy.event_for(control.local_port)
+    assert event["command"] == "bind"
+    assert event["protocol"] == "tcp"
+    assert (event["status"], event["reply_code"]) == ("ok", 0)
+    assert (event["dest_ip"], event["dest_port"]) == (inbound_addr[0], inbound_addr[1])
+    assert event["bytes_out"] == len(to_server) + 3
+    assert event["bytes_in"] == len(to_client)
+    assert event["close_reason"] == "destination"
+
+
+async def test_bind_timeout_sends_ttl_expired(
+    proxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    proxy = proxy_factory({"proxy": {"bind_timeout": 0.3}})
+    control = await proxy.request(BIND, "127.0.0.1", 0)
+    assert control.reply.rep == 0
+    second = await control.read_reply()
+    assert second.rep == 0x06  # TTL expired: nobody connected in time
+    assert await is_closed_by_peer(control.reader)
+    await control.close()
+    event = await proxy.event_for(control.local_port)
+    assert (event["status"], event["reply_code"]) == ("timeout", 6)
+    assert event["duration_ms"] >= 300
+
+
+async def test_bind_takes_only_one_connection(proxy: ProxyProcess) -> None:
+    """Once the inbound connection is accepted, the listening port is closed."""
+    control = await proxy.request(BIND, "localhost", 0)
+    assert control.reply.rep == 0
+    announced = (control.reply.host, control.reply.port)
+    _, writer = await asyncio.wait_for(asyncio.open_connection(*announced), DEADLINE)
+    second = await control.read_reply()
+    assert second.rep == 0 and second.host == "127.0.0.1"
+    try:
+        late = await asyncio.wait_for(asyncio.open_connection(*announced), DEADLINE)
+    except ConnectionRefusedError:
+        pass
+    else:
+        late[1].close()
+        raise AssertionError("a second inbound connection was accepted")
+    writer.close()
+    await control.close()
+    event = await proxy.event_for(control.local_port)
+    assert (event["command"], event["dest_host"], event["domain"]) == (
+        "bind", "localhost", "localhost")
