@@ -131,8 +131,11 @@ def describe(
             text = spec.pop("description", "")
             handler = openapi.parameter(name, Schema(**spec), "query",
                                         description=text, required=False)(handler)
-        content = (_json(SCHEMA[response]) if response != "text"
-                   else {"text/plain": Schema(type="string")})
+        if response in ("text", "html"):
+            content = {f"text/{'plain' if response == 'text' else 'html'}":
+                       Schema(type="string")}
+        else:
+            content = _json(SCHEMA[response])
         handler = openapi.response(200, content, "OK")(handler)
         for status in errors:
             if status == 401 and not secured:

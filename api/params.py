@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import idna
-
 from api.errors import BadParameterError
 from socks5_analytics.storage.models import IPAddress, StatsFilter, TrafficInterval
 from socks5_analytics.storage.schema import STATUSES
@@ -65,9 +63,21 @@ INTERVALS: dict[str, timedelta] = {
 AUTO_POINTS = 800
 # Bucket boundaries are whole UTC minutes, hours and days counted from this origin.
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
-_UNIX = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,200}")
+# The syntax of every accepted value, written once: the parser matches these and the OpenAPI
+# document carries them, so what the document calls valid is what the parser takes. Whether
+# a well-formed date exists (February 30) is the one thing left to the parser ("invalid_time").
+UNIX_PATTERN = r"[0-9]{1,11}(\.[0-9]{1,6})?"
+ISO_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+               r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+ -][0-9]{2}:[0-9]{2})?)?")
+TIME_PATTERN = f"^({UNIX_PATTERN}|{ISO_PATTERN})$"
+_LABEL_PATTERN = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+DOMAIN_PATTERN = rf"^{_LABEL_PATTERN}(\.{_LABEL_PATTERN})*\.?$"
+TEXT_PATTERN = r"^[^\u0000]*$"  # PostgreSQL text cannot hold NUL
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
+_UNIX = re.compile(UNIX_PATTERN)
+_TIME = re.compile(TIME_PATTERN)
+_DOMAIN = re.compile(DOMAIN_PATTERN)
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 FILTERS = ("user", "source_ip", "domain", "node", "status")
 WINDOW = ("from", "to")
@@ -87,8 +97,9 @@ ROUTE_PARAMETERS: dict[str, tuple[str, ...]] = {
 
 _TIME_SCHEMA = {
     "type": "string",
+    "pattern": TIME_PATTERN,
     "description": "ISO 8601 (`2026-03-10T12:00:00Z`, an offset, or none for UTC) or unix "
-    "seconds (`1773144000`)",
+    "seconds (`1773144000`), from 1970 to 9998",
 }
 SCHEMAS: dict[str, dict[str, Any]] = {
     "from": {**_TIME_SCHEMA, "description": "Start of the window, inclusive. "
@@ -99,13 +110,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
               "description": "Items per page."},
     "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0,
                "description": "Items to skip."},
-    "user": {"type": "string", "maxLength": 255,
+    "user": {"type": "string", "maxLength": 255, "pattern": TEXT_PATTERN,
              "description": "Only this RFC 1929 user; empty: only unauthenticated connections."},
-    "source_ip": {"type": "string", "format": "ip",
+    "source_ip": {"anyOf": [{"type": "string", "format": "ipv4"},
+                            {"type": "string", "format": "ipv6"}],
                   "description": "Only this client address (IPv4 or IPv6)."},
-    "domain": {"type": "string", "minLength": 1, "maxLength": 253,
-               "description": "Only connections to this exact domain (IDNA or Unicode)."},
-    "node": {"type": "string", "minLength": 1, "maxLength": 128,
+    "domain": {"type": "string", "minLength": 1, "maxLength": 253, "pattern": DOMAIN_PATTERN,
+               "description": "Only connections to this exact domain, any case (an "
+               "internationalized one in its IDNA `xn--` form)."},
+    "node": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": TEXT_PATTERN,
              "description": "Only events seen by this proxy node."},
     "status": {"type": "string", "enum": sorted(STATUSES),
                "description": "Only connections that ended with this status."},
@@ -118,7 +131,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                  f"{AUTO_POINTS} points."},
     "group_by": {"type": "string", "enum": ["domain"],
                  "description": "Per destination domain: a list of latency summaries."},
-    "cursor": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,200}$",
+    "cursor": {"type": "string", "pattern": CURSOR_PATTERN,
                "description": "The `next_cursor` of the previous page: continue after it."},
 }
 
@@ -150,40 +163,32 @@ def single_values(
 
 def parse_time(name: str, text: str) -> datetime:
     """ISO 8601 (no offset: UTC) or unix seconds, as an aware UTC datetime."""
-    text = text.strip()
-    moment: datetime | None = None
-    try:
-        if _UNIX.fullmatch(text):
-            seconds = float(text)
-            if not EARLIEST.timestamp() <= seconds < LATEST.timestamp():
-                raise ValueError
-            moment = datetime.fromtimestamp(seconds, UTC)
-        else:
-            for candidate in (text, _restore_plus(text)):
-                try:
-                    moment = datetime.fromisoformat(candidate)
-                    break
-                except ValueError:
-                    continue
-            if moment is not None:
-                if moment.tzinfo is None:
-                    moment = moment.replace(tzinfo=UTC)
-                moment = moment.astimezone(UTC)
-    except (ValueError, OverflowError, OSError):
-        moment = None
-    if moment is None:
+    if not _TIME.fullmatch(text):
         raise BadParameterError(
             name, f"expected ISO 8601 or unix seconds, got {text[:64]!r}"
         )
+    try:
+        if _UNIX.fullmatch(text):
+            moment = datetime.fromtimestamp(float(text), UTC)
+        else:
+            moment = datetime.fromisoformat(_restore_plus(text))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        raise BadParameterError(name, f"no such time: {text[:64]!r}",
+                                code="invalid_time") from None
     if not EARLIEST <= moment < LATEST:
-        raise BadParameterError(name, "must be from 1970-01-01 to 9998-12-31 (UTC)")
+        raise BadParameterError(name, "must be from 1970-01-01 to 9998-12-31 (UTC)",
+                                code="invalid_time")
     return moment
 
 
 def _restore_plus(text: str) -> str:
     """An unencoded `+01:00` offset arrives as ` 01:00`: put the plus back."""
-    head, sep, tail = text.rpartition(" ")
-    return f"{head}+{tail}" if sep and "T" in head else text
+    if len(text) > 16 and text[-6] == " ":
+        return f"{text[:-6]}+{text[-5:]}"
+    return text
 
 
 def parse_window(
@@ -226,37 +231,32 @@ def parse_ip(name: str, text: str) -> IPAddress:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         raise BadParameterError(name, f"not an IP address: {text[:64]!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            raise BadParameterError(name, "a zone index (%...) is not an address")
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
     return address
 
 
 def parse_domain(name: str, text: str) -> str:
-    """A domain as the proxy records it: lower-case IDNA, no trailing dot."""
-    value = text.strip().rstrip(".")
-    if not value.isascii():
-        try:
-            value = idna.encode(value, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise BadParameterError(name, f"not a valid domain name: {exc}") from None
-    value = value.lower()
-    if not value or len(value) > 253 or not all(_LABEL.fullmatch(label)
-                                                for label in value.split(".")):
-        raise BadParameterError(name, f"not a valid domain name: {text[:64]!r}")
-    return value
+    """A domain as the proxy records it: lower-case (IDNA), no trailing dot."""
+    if len(text) > 253 or not _DOMAIN.fullmatch(text):
+        raise BadParameterError(name, f"not a domain name (IDNA form): {text[:64]!r}")
+    return text.rstrip(".").lower()
 
 
 def parse_user(name: str, text: str) -> str:
     """A user name as given; empty means the connections without authentication."""
-    if len(text.encode()) > 255:
-        raise BadParameterError(name, "longer than 255 bytes (RFC 1929)")
+    if len(text) > 255 or "\x00" in text:
+        raise BadParameterError(name, "must be at most 255 characters, without NUL")
     return text
 
 
 def parse_node(name: str, text: str) -> str:
     """A proxy node id."""
-    if not 1 <= len(text) <= 128:
-        raise BadParameterError(name, "must be 1 to 128 characters")
+    if not 1 <= len(text) <= 128 or "\x00" in text:
+        raise BadParameterError(name, "must be 1 to 128 characters, without NUL")
     return text
 
 
@@ -266,7 +266,8 @@ def parse_status(name: str, text: str) -> str:
 
 
 def parse_cursor(name: str, text: str) -> str:
-    """An opaque cursor: its shape is checked here, its meaning by the repository."""
+    """An opaque cursor: its shape is checked here, its meaning by the repository
+    (`invalid_cursor`)."""
     if not _CURSOR.fullmatch(text):
         raise BadParameterError(name, "malformed cursor (use the `next_cursor` of a page)")
     return text

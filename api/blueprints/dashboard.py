@@ -65,7 +65,7 @@ def blueprint(settings: ApiSettings) -> Blueprint:
         return redirect("/dashboard")
 
     @bp.get("/dashboard", name="dashboard", ctx_public=True)
-    @describe(route="none", response="text", tag="dashboard", secured=False, errors=(400,),
+    @describe(route="none", response="html", tag="dashboard", secured=False, errors=(400,),
               summary="The dashboard (HTML)",
               description="Charts of the stats routes; asks for the token when one is set.")
     async def dashboard(request: Request) -> HTTPResponse:

@@ -37,7 +37,7 @@ def blueprint(settings: ApiSettings) -> Blueprint:
                                                     cursor=cursor)
         except InvalidQueryError as exc:
             # The only query the repository can refuse here is the cursor's.
-            raise BadParameterError("cursor", str(exc)) from exc
+            raise BadParameterError("cursor", str(exc), code="invalid_cursor") from exc
         return json(serialize.log_page(result))
 
     return bp

@@ -28,7 +28,8 @@ def secured(database_url: str) -> Iterator[httpx.Client]:
 
 BAD = [
     ("/stats/top-domains?from=yesterday", "from", "invalid_parameter"),
-    ("/stats/top-domains?to=2026-02-30T00:00:00Z", "to", "invalid_parameter"),
+    ("/stats/top-domains?to=2026-02-30T00:00:00Z", "to", "invalid_time"),
+    ("/stats/top-domains?to=1969-12-31", "to", "invalid_time"),
     ("/stats/top-domains?from=2026-03-10T12:00:00Z&to=2026-03-10T11:00:00Z", "from",
      "invalid_range"),
     ("/stats/top-domains?limit=0", "limit", "invalid_parameter"),
@@ -44,6 +45,7 @@ BAD = [
     ("/stats/source-ips?source_ip=", "source_ip", "invalid_parameter"),
     ("/stats/users?status=success", "status", "invalid_parameter"),
     ("/stats/users?domain=a..b", "domain", "invalid_parameter"),
+    ("/stats/users?user=a%00b", "user", "invalid_parameter"),
     ("/stats/users?node=", "node", "invalid_parameter"),
     ("/stats/traffic?interval=2m", "interval", "invalid_parameter"),
     ("/stats/traffic?interval=1m&from=2026-01-01&to=2026-02-01", "interval",
@@ -53,7 +55,7 @@ BAD = [
     ("/stats/latency?group_by=user", "group_by", "invalid_parameter"),
     ("/stats/statuses?sort=bytes", "sort", "unknown_parameter"),
     ("/logs?cursor=not*a*cursor", "cursor", "invalid_parameter"),
-    ("/logs?cursor=AAAA", "cursor", "invalid_parameter"),
+    ("/logs?cursor=AAAA", "cursor", "invalid_cursor"),
     ("/logs?cursor=" + "A" * 201, "cursor", "invalid_parameter"),
     ("/nodes?from=2026-01-01", "from", "unknown_parameter"),
     ("/nodes?limit=5000", "limit", "invalid_parameter"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -12,6 +13,7 @@ from api.errors import BadParameterError
 from api.params import (
     ROUTE_PARAMETERS,
     SCHEMAS,
+    TIME_PATTERN,
     choose_interval,
     count_points,
     parse_domain,
@@ -57,6 +59,8 @@ def test_parse_time_refuses(text: str) -> None:
         parse_time("to", text)
     assert caught.value.parameter == "to"
     assert caught.value.message.startswith("to: ")
+    # what matches the documented syntax is refused only for the calendar or the range
+    assert (caught.value.code == "invalid_time") == bool(re.fullmatch(TIME_PATTERN, text))
 
 
 @pytest.mark.parametrize(("since", "until", "expected"), [
@@ -113,16 +117,15 @@ def test_parse_ip(text: str, expected: Any) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "192.0.2", "192.0.2.256", "example.com", "::g",
-                                  "192.0.2.0/24", "01.2.3.4"])
+                                  "192.0.2.0/24", "01.2.3.4", "fe80::1%eth0"])
 def test_parse_ip_refuses(text: str) -> None:
-    with pytest.raises(BadParameterError, match=r"^source_ip: not an IP address"):
+    with pytest.raises(BadParameterError, match=r"^source_ip: "):
         parse_ip("source_ip", text)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("www.Example.COM", "www.example.com"),
     ("example.com.", "example.com"),
-    ("bücher.example", "xn--bcher-kva.example"),
     ("xn--bcher-kva.example", "xn--bcher-kva.example"),
     ("_dmarc.example.com", "_dmarc.example.com"),
     ("localhost", "localhost"),
@@ -132,7 +135,8 @@ def test_parse_domain(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["", ".", "a..b", "-a.example", "a b.example",
-                                  "a/b", "x" * 64 + ".example", "a." * 127 + "aa", "☃"])
+                                  "a/b", "x" * 64 + ".example", "a." * 127 + "aa", "☃",
+                                  "bücher.example", "a-.example", "a\x00b"])
 def test_parse_domain_refuses(text: str) -> None:
     with pytest.raises(BadParameterError, match=r"^domain: "):
         parse_domain("domain", text)
@@ -155,6 +159,7 @@ def test_parse_filter(values: dict[str, str], field: str, expected: Any) -> None
     ({"node": ""}, "node"),
     ({"node": "n" * 129}, "node"),
     ({"user": "u" * 256}, "user"),
+    ({"user": "a\x00"}, "user"),
     ({"source_ip": "x"}, "source_ip"),
 ])
 def test_parse_filter_refuses(values: dict[str, str], parameter: str) -> None:
