@@ -41,6 +41,7 @@ def _configure(app: Sanic, settings: Settings) -> None:
         "RESPONSE_TIMEOUT": api.response_timeout,
         "KEEP_ALIVE_TIMEOUT": api.keep_alive_timeout,
         "ACCESS_LOG": False,
+        "MOTD": False,
         # TouchUp rewrites Sanic's own modules in place at startup, which breaks the second
         # app started in one process (tests; `up` beside other apps); it saves microseconds.
         "TOUCHUP": False,
@@ -76,7 +77,10 @@ def create_app(
 ) -> Sanic:
     """The API app. With `repository`, the caller owns it (tests, `up`); without, the app
     opens one from `settings.database` before serving and closes it after."""
-    app = Sanic(name or f"socks5_analytics_api_{next(_names)}", env_prefix="S5A_SANIC_")
+    # configure_logging=False: Sanic's loggers go to the root logger, which
+    # socks5_analytics.logs renders in the one JSON schema of every component.
+    app = Sanic(name or f"socks5_analytics_api_{next(_names)}", env_prefix="S5A_SANIC_",
+                configure_logging=False)
     _configure(app, settings)
     app.ctx.settings = settings
     app.ctx.clock = clock

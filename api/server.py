@@ -10,6 +10,7 @@ serve until `stop` is set, close the listener, drain, listeners down.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from collections.abc import Callable
@@ -112,6 +113,10 @@ def run(settings: Settings) -> int:
     it on the way out.
     """
     configure_logging(settings.log, component="api", node=settings.node_id)
+    # Sanic's banner, its extensions' list, alembic's plugin list (readiness reads the head
+    # revision): startup chatter, not events.
+    for chatty in ("sanic.root", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if settings.database.url:
         return runtime.run(_main(settings))
     from socks5_analytics.storage.embedded import EmbeddedPostgres, default_data_dir

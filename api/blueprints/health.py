@@ -17,6 +17,14 @@ from socks5_analytics.storage.migrate import head_revision
 __all__ = ["blueprint"]
 
 
+def _head(request: Request) -> str:
+    """The newest migration this code knows, read once per app (alembic scans its folder)."""
+    head: str | None = getattr(request.app.ctx, "head_revision", None)
+    if head is None:
+        head = request.app.ctx.head_revision = head_revision()
+    return head
+
+
 def blueprint(settings: ApiSettings) -> Blueprint:
     """The health, metrics and document routes."""
     bp = Blueprint("health")
@@ -39,7 +47,7 @@ def blueprint(settings: ApiSettings) -> Blueprint:
         try:
             await repo.ping()
             revision = await repo.schema_revision()
-            head = head_revision()
+            head = _head(request)
         except StorageError as exc:
             raise NotReadyError(f"not ready: {exc}") from exc
         if revision != head:
