@@ -27,7 +27,7 @@ from proxy_harness import (
 
 
 @pytest.fixture
-def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+async def proxy_factory(tmp_path: Path) -> AsyncIterator[Callable[..., ProxyProcess]]:
     """Start proxies with config overrides: `proxy_factory({"proxy": {...}}, users={...})`."""
     started: list[ProxyProcess] = []
 
@@ -39,6 +39,9 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         return proc.start()
 
     yield make
+    for proc in started:
+        proc.close_clients()
+    await asyncio.sleep(0)  # let the aborted transports release their sockets
     problems = []
     for proc in started:
         proc.stop()
@@ -59,8 +62,11 @@ def shared_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProc
 
 
 @pytest.fixture
-def proxy(shared_proxy: ProxyProcess) -> ProxyProcess:
-    return shared_proxy
+async def proxy(shared_proxy: ProxyProcess) -> AsyncIterator[ProxyProcess]:
+    """The shared proxy; what the test left open on it is closed after the test."""
+    yield shared_proxy
+    shared_proxy.close_clients()
+    await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -265,6 +265,7 @@ class ProxyProcess:
         self.logs: list[dict[str, Any]] = []
         self.allow_errors = False
         self.opened_at: dict[int, float] = {}  # client port -> when raw() connected from it
+        self.clients: list[asyncio.StreamWriter] = []  # what raw() opened, for teardown
         self._ready = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pump_thread: threading.Thread | None = None
@@ -280,7 +281,10 @@ class ProxyProcess:
             doc["users"] = [{"username": name, "password_hash": hash_password(pw, n=2**4)}
                             for name, pw in users.items()]
         doc.update(extra)
-        self.policy_path.write_text(yaml.safe_dump(doc))
+        # Atomic, as operators (and Kubernetes) replace files: the proxy polls it meanwhile.
+        scratch = self.policy_path.with_suffix(".tmp")
+        scratch.write_text(yaml.safe_dump(doc))
+        os.replace(scratch, self.policy_path)
 
     def start(self, timeout: float = 30.0) -> ProxyProcess:
         cmd = [*_PROXY_CMD, "proxy", "--config", str(self.config_path), "--listen", self.listen]
@@ -423,7 +427,16 @@ class ProxyProcess:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), DEADLINE)
         self.opened_at[int(writer.get_extra_info("sockname")[1])] = opened
+        self.clients.append(writer)
         return reader, writer
+
+    def close_clients(self) -> None:
+        """Abort every client connection a test left open (say, because it failed), so
+        its sockets do not surface later as another test's ResourceWarning."""
+        for writer in self.clients:
+            if not writer.is_closing():
+                writer.transport.abort()
+        self.clients.clear()
 
     async def request(self, cmd: int, host: str, port: int, *,
                       auth: tuple[str, str] | None = None, style: str = "normal",

@@ -125,13 +125,11 @@ async def test_no_acceptable_method_without_users(proxy: ProxyProcess) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize(
-    ("proxy_name", "expected"), [("proxy", b"\x05\x00"), ("auth_proxy", b"\x05\x02")]
-)
+@pytest.mark.parametrize("with_users", [False, True])
 async def test_method_choice_among_several(
-    request: pytest.FixtureRequest, proxy_name: str, expected: bytes
+    proxy: ProxyProcess, auth_proxy: ProxyProcess, with_users: bool
 ) -> None:
-    target: ProxyProcess = request.getfixturevalue(proxy_name)
+    target, expected = (auth_proxy, b"\x05\x02") if with_users else (proxy, b"\x05\x00")
     reader, writer = await target.raw()
     writer.write(greeting(b"\x80\x02\x01\x00"))
     assert await asyncio.wait_for(reader.readexactly(2), DEADLINE) == expected
