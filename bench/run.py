@@ -17,6 +17,8 @@ import dataclasses
 import json
 import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,6 +212,21 @@ def run_all(
                 log(f"  {summary(out, proxy.name, before)}")
 
 
+def git_state() -> str:
+    """The measured code's commit, marked "+dirty" when the work tree had changes."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench")
+    return head + ("+dirty" if dirty else "")
+
+
 def write_results(
     out: Collector, sizes: Sizes, proxies: list[Proxy], skipped: dict[str, str]
 ) -> str:
@@ -230,6 +247,7 @@ def write_results(
         "machine": report.machine_info(),
         "sizes": dataclasses.asdict(sizes),
         "versions": {p.name: p.version() for p in proxies},
+        "commit": git_state(),
         "elapsed_s": round(time.monotonic() - T0, 1),
     }
     warning = report.busy_warning(med)
@@ -237,7 +255,7 @@ def write_results(
         notes.insert(0, f"- {warning}")
     md = (
         f"Measured {meta['date']} on {meta['machine']['cpu']}, {meta['machine']['cores']} "
-        f"cores; {sizes.runs} run(s), medians.\n\n{table}\n"
+        f"cores, commit {meta['commit']}; {sizes.runs} run(s), medians.\n\n{table}\n"
     )
     if notes:
         md += "\nNotes:\n" + "\n".join(notes) + "\n"
@@ -260,6 +278,8 @@ def write_results(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so servers, target and system user are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = scenarios.QUICK if args.quick else scenarios.FULL
     if args.runs:
         sizes = dataclasses.replace(sizes, runs=args.runs)
@@ -272,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         run_all(proxies, sizes, out, workroot, args.wait_quiet)
     finally:
         for proxy in proxies:
-            cleanup = getattr(proxy, "system_user", None)
-            if cleanup is not None:
-                cleanup.remove()
+            proxy.cleanup()
         if not args.keep:
             shutil.rmtree(workroot, ignore_errors=True)
     print(write_results(out, sizes, proxies, skipped))

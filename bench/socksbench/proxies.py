@@ -52,6 +52,9 @@ class Proxy(ABC):
         """Human-readable version, for the report."""
         return "?"
 
+    def cleanup(self) -> None:  # noqa: B027 - optional hook, most servers change nothing
+        """Undo machine-wide changes made for this server (after all runs)."""
+
 
 def _first_line(argv: list[str]) -> str:
     """First output line of a version command, or '?' if it fails."""
@@ -111,6 +114,9 @@ class Dante(Proxy):
 
     def auth_unavailable(self) -> str | None:
         return self.system_user.ensure()
+
+    def cleanup(self) -> None:
+        self.system_user.remove()
 
     def version(self) -> str:
         return f"dante-server {_dpkg_version('dante-server')}"
