@@ -154,6 +154,17 @@ class AccessRules:
                 return None
         return None
 
+    def command_verdict(self, command: str) -> Verdict | None:
+        """The verdict of a rule that names neither destinations nor ports for `command`;
+        None when the first rule that applies depends on the destination."""
+        for rule in self.rules:
+            if rule.commands and command not in rule.commands:
+                continue
+            if rule.names_domains or rule.names_addresses or rule.ports:
+                return None
+            return rule.verdict
+        return None
+
     def for_address(
         self, command: str, domain: str | None, address: str, port: int
     ) -> Verdict:

@@ -94,9 +94,19 @@ class Gatekeeper:
         """Whether this source failed authentication too often in the last minute."""
         return self.auth_throttle.blocked(source_ip, time.monotonic())
 
-    def auth_failed(self, source_ip: str) -> None:
-        """Count a failed authentication against the source."""
+    def auth_attempt(self, source_ip: str) -> None:
+        """Count an attempt as failed before checking it, so parallel guesses cannot outrun
+        the throttle; `auth_succeeded` takes it back."""
         self.auth_throttle.failed(source_ip, time.monotonic())
+
+    def auth_succeeded(self, source_ip: str) -> None:
+        """The attempt counted by `auth_attempt` succeeded."""
+        self.auth_throttle.forgive(source_ip)
+
+    def check_command(self, command: str) -> None:
+        """Raise when a rule denies the command whatever the destination (UDP ASSOCIATE)."""
+        if self.rules.command_verdict(command) == "deny":
+            raise ConnectionNotAllowed(f"{command} denied by rule")
 
     # -- the rule-set interface --------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["AuthThrottle", "BandwidthLimiter", "ConnectionLimiter", "TokenBucket"]
 
@@ -21,15 +21,19 @@ class TokenBucket:
 
     rate: float
     burst: float
-    tokens: float = field(default=-1.0)
-    stamp: float = 0.0
+    tokens: float = 0.0
+    stamp: float | None = None  # None: never used, so it starts full
+
+    def _refill(self, now: float) -> None:
+        if self.stamp is None:
+            self.tokens = self.burst
+        else:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
 
     def take(self, now: float, amount: float = 1.0) -> bool:
         """Spend `amount` tokens if there are that many."""
-        if self.tokens < 0:
-            self.tokens, self.stamp = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill(now)
         if self.tokens >= amount:
             self.tokens -= amount
             return True
@@ -37,10 +41,7 @@ class TokenBucket:
 
     def available(self, now: float) -> int:
         """Whole tokens available now (after refilling)."""
-        if self.tokens < 0:
-            self.tokens, self.stamp = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill(now)
         return int(self.tokens)
 
     def consume(self, amount: float) -> None:
@@ -53,7 +54,9 @@ class TokenBucket:
 
     def full_at(self, now: float) -> bool:
         """Whether the bucket would be full at `now` (then it can be forgotten)."""
-        return self.tokens < 0 or self.tokens + (now - self.stamp) * self.rate >= self.burst
+        if self.stamp is None:
+            return True
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 def _bucket(rate: float) -> TokenBucket:
@@ -140,9 +143,23 @@ class AuthThrottle:
         return len(failures) >= self.per_minute
 
     def failed(self, source: str, now: float) -> None:
-        """Record a failed attempt."""
+        """Record a failed attempt (or one in flight: see `forgive`)."""
         if self.per_minute:
             failures = self._failures.setdefault(source, deque())
             failures.append(now)
             if len(failures) > self.per_minute:
                 failures.popleft()
+            if len(self._failures) > 10_000:
+                self._forget_stale(now)
+
+    def forgive(self, source: str) -> None:
+        """Take back one recorded attempt: it turned out to be a success."""
+        failures = self._failures.get(source)
+        if failures:
+            failures.pop()
+            if not failures:
+                del self._failures[source]
+
+    def _forget_stale(self, now: float) -> None:
+        for source in [s for s, f in self._failures.items() if f[-1] <= now - self.WINDOW]:
+            del self._failures[source]

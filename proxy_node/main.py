@@ -8,6 +8,7 @@ every core. Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the policy fi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import multiprocessing
 import os
 import signal
@@ -140,7 +141,13 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
 
 def _warn_if_open(host: str, policy: Policy) -> None:
     """An open proxy on a public interface is a finding; say so loudly."""
-    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        loopback = host == "localhost"
+    else:
+        mapped = getattr(address, "ipv4_mapped", None)
+        loopback = (mapped or address).is_loopback
     if not loopback and not policy.whitelist and not policy.users:
         log.warning("open proxy: listening beyond loopback with no whitelist and no users",
                     listen=host)

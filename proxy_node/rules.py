@@ -19,6 +19,9 @@ class RuleSet(Protocol):
     def check_domain(self, command: str, domain: str, port: int) -> None:
         """Raise before resolving when the name itself is denied."""
 
+    def check_command(self, command: str) -> None:
+        """Raise when the command is denied whatever the destination."""
+
     def allowed_addresses(
         self, command: str, domain: str | None, port: int, candidates: list[SockAddr]
     ) -> list[SockAddr]:
@@ -33,6 +36,9 @@ class PermitAll:
 
     def check_domain(self, command: str, domain: str, port: int) -> None:
         """Every name is allowed."""
+
+    def check_command(self, command: str) -> None:
+        """Every command is allowed."""
 
     def allowed_addresses(
         self, command: str, domain: str | None, port: int, candidates: list[SockAddr]

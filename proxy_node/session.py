@@ -191,10 +191,11 @@ class Session:
             record.status = "rate_limited"
             server.note_auth_throttled(record.source_ip)
             return False
+        gate.auth_attempt(record.source_ip)
         if not await server.authenticator.verify(credentials.username, credentials.password):
-            gate.auth_failed(record.source_ip)
             record.status = "auth_failed"
             return False
+        gate.auth_succeeded(record.source_ip)
         user = gate.users.get(record.user)
         if user is None:  # removed by a policy change while the hash was checked
             record.status = "auth_failed"
@@ -225,6 +226,8 @@ class Session:
 
     async def _connect(self, reader: HandshakeReader, dest: Destination) -> None:
         server = self.server
+        if not dest.is_domain:  # nothing to resolve: this is the address used, even if it fails
+            self.record.dest_ip = dest.host
         upstream = await dial(dest, resolver=server.resolver, rules=server.rules,
                               timeout=server.settings.connect_timeout)
         try:
@@ -241,6 +244,12 @@ class Session:
     async def _bind(self, reader: HandshakeReader, dest: Destination) -> None:
         server = self.server
         expected = None if dest.is_domain or dest.host in _UNSPECIFIED else dest.host
+        if dest.is_domain:
+            server.rules.check_domain("bind", dest.host, dest.port)
+        elif expected is not None:
+            server.rules.check_destination("bind", dest.host, expected, dest.port)
+        else:
+            server.rules.check_command("bind")
         listener = open_listener(expected, plain_ip(self.sock.getsockname()[0]))
         try:
             host, port = listener.getsockname()[:2]
@@ -253,6 +262,7 @@ class Session:
         finally:
             listener.close()
         try:
+            server.rules.check_destination("bind", peer_ip, peer_ip, peer_port)
             record.connected_mono = time.monotonic()
             record.dest_ip, record.dest_port = peer_ip, peer_port
             await self._succeed(reader, peer_ip, peer_port)
@@ -263,6 +273,7 @@ class Session:
 
     async def _udp_associate(self, reader: HandshakeReader, request: Request) -> None:
         server = self.server
+        server.rules.check_command("udp_associate")
         association = UdpAssociation(
             server.loop,
             bind_ip=plain_ip(self.sock.getsockname()[0]),

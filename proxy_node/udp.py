@@ -15,7 +15,7 @@ import asyncio
 import socket
 import time
 
-from proxy_node.errors import ProxyError, ResolutionFailed
+from proxy_node.errors import ProxyError
 from proxy_node.events import ConnectionRecord
 from proxy_node.request import plain_ip, sockaddr_for
 from proxy_node.resolver import Resolver
@@ -137,12 +137,15 @@ class UdpAssociation:
                 self._send(header.host, header.host, header.port, payload)
 
     async def _resolve_and_send(self, host: str, port: int, payload: bytes) -> None:
+        name = host.lower().rstrip(".")
         try:
-            addresses = await self.resolver.resolve(host.lower(), port, udp=True)
-        except ResolutionFailed:
+            self.rules.check_domain("udp_associate", name, port)  # before any DNS query
+            addresses = await self.resolver.resolve(name, port, udp=True)
+            allowed = self.rules.allowed_addresses("udp_associate", name, port, addresses)
+        except ProxyError:  # not resolved, or denied
             self.dropped += 1
             return
-        self._send(host.lower(), addresses[0][1][0], port, payload)
+        self._send(name, allowed[0][1][0], port, payload)
 
     def _send(self, host: str, ip: str, port: int, payload: bytes) -> None:
         ip = plain_ip(ip)

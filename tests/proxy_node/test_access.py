@@ -365,8 +365,8 @@ def test_gatekeeper_counters_survive_a_policy_change() -> None:
 
 def test_gatekeeper_auth_throttle_survives_an_unrelated_change() -> None:
     gate = Gatekeeper(_policy(limits={"auth_failures_per_minute_per_ip": 2}))
-    gate.auth_failed("10.0.0.1")
-    gate.auth_failed("10.0.0.1")
+    gate.auth_attempt("10.0.0.1")
+    gate.auth_attempt("10.0.0.1")
     assert gate.auth_blocked("10.0.0.1")
     gate.update(_policy(limits={"auth_failures_per_minute_per_ip": 2}, whitelist=["0.0.0.0/0"]))
     assert gate.auth_blocked("10.0.0.1")  # reloading is no way around the throttle

@@ -7,11 +7,12 @@ bound (the cap must hold); a slow machine can never make them fail.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.proxy_node.proxy_harness import ProxyProcess, TcpServer
+from proxy_harness import ProxyProcess, TcpServer
 
 RATE = 400_000  # bytes per second
 SIZE = 1_000_000
@@ -41,7 +42,9 @@ def _capped_proxy(proxy_factory: Callable[..., ProxyProcess]) -> ProxyProcess:
     for user in doc["users"]:
         if user["username"] == "alice":
             user["max_bytes_per_second"] = RATE
-    proxy.policy_path.write_text(yaml.safe_dump(doc))  # type: ignore[union-attr]
+    scratch = proxy.workdir / "policy.tmp"
+    scratch.write_text(yaml.safe_dump(doc))
+    os.replace(scratch, proxy.policy_path)  # type: ignore[arg-type]
     proxy.send_signal(1)  # SIGHUP: apply now
     return proxy
 

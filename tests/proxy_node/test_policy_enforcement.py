@@ -293,17 +293,12 @@ async def test_udp_datagrams_to_denied_destinations_are_dropped(
         denied.close()
 
 
-@pytest.mark.xfail(strict=True, reason="session.py: BIND never consults the rule set, so a "
-                   "rule denying the bind command (or BIND's DST.ADDR) is not enforced")
 async def test_a_rule_denying_bind_is_enforced(start_proxy: StartProxy) -> None:
     proxy = start_proxy({"destinations": {"block_private": False, "rules": [
         {"action": "deny", "commands": ["bind"]}]}}, {"proxy": {"shutdown_grace": 0.1}})
     await refused(proxy, "127.0.0.1", 0, "denied_destination", cmd=BIND)
 
 
-@pytest.mark.xfail(strict=True, reason="session.py: UDP ASSOCIATE is granted even when a "
-                   "rule denies the udp_associate command outright; every datagram is then "
-                   "silently dropped and the event says ok")
 async def test_a_rule_denying_udp_associate_is_enforced(start_proxy: StartProxy) -> None:
     proxy = start_proxy({"destinations": {"block_private": False, "rules": [
         {"action": "deny", "commands": ["udp_associate"]}]}})
@@ -562,9 +557,6 @@ async def test_failed_authentications_are_throttled_per_source(
     assert echo_server.peers == []
 
 
-@pytest.mark.xfail(strict=True, reason="session.py _check_password checks auth_blocked(), "
-                   "then awaits the hash in a thread, and only then records the failure: "
-                   "guesses sent in parallel all pass the check (30 of 30 with a limit of 3)")
 async def test_concurrent_guesses_cannot_outrun_the_throttle(
     start_proxy: StartProxy, echo_server: TcpServer,
 ) -> None:
@@ -646,8 +638,6 @@ async def test_open_proxy_warning(start_proxy: StartProxy, policy: dict[str, Any
         assert (record["level"], record["listen"]) == ("warning", "0.0.0.0")
 
 
-@pytest.mark.xfail(strict=True, reason="main.py _warn_if_open: the loopback test is textual "
-                   "('127.' prefix, 'localhost', '::1'), so ::ffff:127.0.0.1 counts as public")
 async def test_no_open_proxy_warning_on_mapped_loopback(start_proxy: StartProxy) -> None:
     proxy = start_proxy({}, listen="[::ffff:127.0.0.1]:0")
     assert proxy.has_log(OPEN_PROXY) is None
