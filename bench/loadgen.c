@@ -20,10 +20,12 @@
  *       S threads, each doing a SOCKS5 CONNECT then moving TOTAL/S bytes.
  *
  *   conn --proxy HOST:PORT|- --dst HOST --dport PORT --concurrency C
- *        --count N --cap SECONDS [--user U --pass P]
+ *        --count N --cap SECONDS [--user U --pass P] [--close client|server]
  *       Connection-rate test: each connection is greeting (+ RFC 1929 auth)
- *       + CONNECT + one 32-byte echo round trip + close.  Use the echo1
- *       port: the client waits for the target's close, then closes.
+ *       + CONNECT + one 32-byte echo round trip + close.  With
+ *       "--close server" (what the harness uses, against the echo1 port) the
+ *       client waits for the target's close, then closes; with the default
+ *       "client" (against the echo port) the client closes first.
  *
  *   idle --proxy ... --dst ... --dport ... --count N --concurrency C
  *        --hold SECONDS
