@@ -38,6 +38,8 @@ def _proxy_overrides(args: argparse.Namespace) -> dict[str, Any]:
         proxy["policy_file"] = args.policy
     if args.collector is not None:
         proxy["events"] = {"collectors": args.collector}
+    if args.metrics_listen is not None:
+        proxy["metrics_listen"] = args.metrics_listen
     return {"proxy": proxy} if proxy else {}
 
 
@@ -49,8 +51,13 @@ def _run_collector(args: argparse.Namespace, settings: Settings) -> int:
 
 def _collector_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = _database_overrides(args)
+    collector: dict[str, Any] = {}
     if args.listen is not None:
-        overrides["collector"] = {"listen": args.listen}
+        collector["listen"] = args.listen
+    if args.metrics_listen is not None:
+        collector["metrics_listen"] = args.metrics_listen
+    if collector:
+        overrides["collector"] = collector
     return overrides
 
 
@@ -129,6 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--policy", metavar="FILE", help="policy file (users, whitelist, limits)")
     proxy.add_argument("--collector", metavar="H:P[,H:P...]",
                        help="collector addresses; events stream there over gRPC")
+    proxy.add_argument("--metrics-listen", metavar="H:P",
+                       help="Prometheus /metrics address (127.0.0.1:9101; off: none)")
     proxy.set_defaults(handler=_run_proxy, overrides=_proxy_overrides)
 
     collector = commands.add_parser(
@@ -140,6 +149,8 @@ def _build_parser() -> argparse.ArgumentParser:
     collector.add_argument("--listen", metavar="H:P",
                            help="gRPC listen address (127.0.0.1:50051)")
     collector.add_argument("--database-url", metavar="URL", help="postgresql://user@host/db")
+    collector.add_argument("--metrics-listen", metavar="H:P",
+                           help="Prometheus /metrics address (127.0.0.1:9102; off: none)")
     collector.set_defaults(handler=_run_collector, overrides=_collector_overrides)
 
     migrate = commands.add_parser(

@@ -183,10 +183,32 @@ class EventSinkSettings(_Section):
         return self.sink
 
 
+def _optional_address(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    return _address(value)
+
+
+# HOST:PORT, or null/"off" to disable.
+OptionalAddress = Annotated[tuple[str, int] | None, NoDecode, BeforeValidator(_optional_address)]
+
+
+class TelemetrySettings(_Section):
+    """OpenTelemetry traces (the standard OTEL_* variables apply too and win)."""
+
+    # OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317; null: tracing off (unless
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set)
+    otlp_endpoint: str | None = None
+    # Fraction of new traces sampled (parent-based: a sampled parent is always followed)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class ProxySettings(_Section):
     """A SOCKS5 proxy node."""
 
     listen: Address = ("127.0.0.1", 1080)
+    # Prometheus /metrics of the node (all workers together); null: off
+    metrics_listen: OptionalAddress = ("127.0.0.1", 9101)
     policy_file: Path | None = None
     # Seconds between checks of the policy file for changes (SIGHUP checks at once).
     policy_poll_interval: Seconds = 1.0
@@ -262,6 +284,8 @@ class CollectorSettings(_Section):
 
     # gRPC listen address; loopback locally, 0.0.0.0:50051 in containers
     listen: Address = ("127.0.0.1", 50051)
+    # Prometheus /metrics of the collector; null: off
+    metrics_listen: OptionalAddress = ("127.0.0.1", 9102)
     # a database write is started at this many events, or `batch_max_delay` after the first
     batch_max_events: int = Field(default=5000, ge=1, le=1_000_000)
     batch_max_delay: Seconds = 0.05
@@ -351,6 +375,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     collector: CollectorSettings = CollectorSettings()
     api: ApiSettings = ApiSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @classmethod
     def settings_customise_sources(
