@@ -71,6 +71,7 @@ async def test_connection_refused(
     assert (event["status"], event["reply_code"]) == ("refused", 5)
     assert (event["dest_host"], event["dest_port"], event["domain"]) == (
         "127.0.0.1", closed_port, None)
+    assert event["dest_ip"] == "127.0.0.1"  # the address tried, even though it refused
     assert event["close_reason"] == "error"
     assert event["connect_ms"] is None and event["ttfb_ms"] is None
     assert (event["bytes_out"], event["bytes_in"]) == (0, 0)
@@ -147,6 +148,7 @@ async def test_multicast_destination_is_network_unreachable(proxy: ProxyProcess)
     assert rep == 0x03
     event = await proxy.event_for(port)
     assert (event["status"], event["reply_code"]) == ("unreachable", 3)
+    assert (event["dest_ip"], event["dest_port"]) == ("224.0.0.1", 9)
 
 
 @contextlib.contextmanager
@@ -189,6 +191,7 @@ async def test_connect_timeout_is_ttl_expired(
     assert 0.4 <= elapsed < 5
     event = await proxy.event_for(client_port)
     assert (event["status"], event["reply_code"]) == ("timeout", 6)
+    assert (event["dest_ip"], event["dest_port"]) == ("127.0.0.1", port)
 
 
 # -- bad handshakes ---------------------------------------------------------------------------
