@@ -6,7 +6,15 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from proxy_harness import BIND, DEADLINE, ProxyProcess, is_closed_by_peer, read_until_eof
+import pytest
+from proxy_harness import (
+    BIND,
+    DEADLINE,
+    HAS_IPV6,
+    ProxyProcess,
+    is_closed_by_peer,
+    read_until_eof,
+)
 
 
 async def test_bind_accepts_one_inbound_connection_and_relays(proxy: ProxyProcess) -> None:
@@ -87,3 +95,23 @@ async def test_bind_takes_only_one_connection(proxy: ProxyProcess) -> None:
     event = await proxy.event_for(control.local_port)
     assert (event["command"], event["dest_host"], event["domain"]) == (
         "bind", "localhost", "localhost")
+
+
+async def test_bind_over_an_ipv6_control_connection(
+    proxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    if not HAS_IPV6:
+        pytest.skip("no ::1 on this machine")
+    proxy = proxy_factory(listen="[::1]:0")
+    control = await proxy.request(BIND, "::1", 0)
+    assert (control.reply.rep, control.reply.host) == (0, "::1")
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("::1", control.reply.port), DEADLINE)
+    second = await control.read_reply()
+    assert (second.rep, second.host, second.port) == (
+        0, "::1", writer.get_extra_info("sockname")[1])
+    writer.write(b"from the peer")
+    assert await asyncio.wait_for(control.reader.readexactly(13), DEADLINE) == b"from the peer"
+    writer.close()
+    await control.close()
+    await reader.read()

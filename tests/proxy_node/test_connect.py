@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from proxy_harness import (
     DEADLINE,
+    HAS_IPV6,
     HTTP_BODY,
     ProxyProcess,
     TcpServer,
@@ -285,3 +286,17 @@ async def test_byte_at_a_time_handshake(
     event = await proxy.event_for(tunnel.local_port)
     assert event["status"] == "ok"
     assert event["bytes_out"] == len(b"slow handshake")
+
+
+async def test_connect_over_an_ipv6_listener(
+    proxy_factory: Callable[..., ProxyProcess], echo_server: TcpServer
+) -> None:
+    if not HAS_IPV6:
+        pytest.skip("no ::1 on this machine")
+    proxy = proxy_factory(listen="[::1]:0")
+    tunnel = await proxy.open("127.0.0.1", echo_server.port)
+    assert tunnel.reply.host == "127.0.0.1"  # the upstream side is IPv4
+    assert await tunnel.roundtrip(b"six to four") == b"six to four"
+    await tunnel.close()
+    event = await proxy.event_for(tunnel.local_port)
+    assert (event["source_ip"], event["dest_ip"]) == ("::1", "127.0.0.1")

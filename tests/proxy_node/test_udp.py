@@ -35,7 +35,7 @@ async def _echo(client: UdpClient, relay: tuple[str, int], host: str, port: int,
                 payload: bytes) -> tuple[str, int, bytes]:
     client.send(udp_datagram(host, port, payload), relay)
     data, source = await client.recv()
-    assert source == relay, f"answer from {source}, not from the relay {relay}"
+    assert source[:2] == relay, f"answer from {source}, not from the relay {relay}"
     return parse_udp_datagram(data)
 
 
@@ -184,3 +184,22 @@ async def test_idle_association_times_out(
     event = await proxy.event_for(control.local_port)
     assert event["close_reason"] == "idle_timeout"
     assert event["duration_ms"] >= 300
+
+
+async def test_over_an_ipv6_control_connection(
+    proxy_factory: Callable[..., ProxyProcess], udp_echo: EchoFactory,
+    udp_client: ClientFactory,
+) -> None:
+    if not HAS_IPV6:
+        pytest.skip("no ::1 on this machine")
+    proxy = proxy_factory(listen="[::1]:0")
+    assert proxy.host == "::1"
+    echo = await udp_echo("::1")
+    control = await _associate(proxy, "::", 0)
+    assert control.reply.host == "::1"  # the control connection's local address
+    relay = (control.reply.host, control.reply.port)
+    client = udp_client("::1")
+    assert await _echo(client, relay, "::1", echo.port, b"six") == ("::1", echo.port, b"six")
+    await control.close()
+    event = await proxy.event_for(control.local_port)
+    assert (event["source_ip"], event["dest_ip"], event["bytes_in"]) == ("::1", "::1", 3)
