@@ -99,13 +99,12 @@ class Child:
 
 
 class Destination:
-    """A TCP server on loopback: reads `UP DOWN\\n`, then UP bytes, answers DOWN bytes."""
+    """A TCP server on loopback: reads `UP DOWN\n`, then UP bytes, answers DOWN bytes."""
 
     def __init__(self) -> None:
         self.port = 0
         self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._stop = asyncio.Event()
         started = threading.Event()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -116,31 +115,25 @@ class Destination:
             writer.close()
 
         async def main() -> None:
-            self._server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
+            servers = [await asyncio.start_server(handle, "127.0.0.1", 0)]
+            self.port = servers[0].sockets[0].getsockname()[1]
             try:  # `localhost` may resolve to ::1 first: the same port there, when free
-                self._servers.append(await asyncio.start_server(handle, "::1", self.port))
+                servers.append(await asyncio.start_server(handle, "::1", self.port))
             except OSError:
                 pass
             started.set()
-            await self._server.serve_forever()
+            await self._stop.wait()
+            for server in servers:
+                server.close()
+                await server.wait_closed()
 
-        def run() -> None:
-            try:
-                self._loop.run_until_complete(main())
-            except asyncio.CancelledError:
-                pass
-
-        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(main(),),
+                                        daemon=True)
         self._thread.start()
         started.wait(DEADLINE)
 
     def close(self) -> None:
-        for server in [self._server, *self._servers]:
-            if server is not None:
-                self._loop.call_soon_threadsafe(server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+        self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(DEADLINE)
         self._loop.close()
 
