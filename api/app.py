@@ -10,9 +10,10 @@ import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from sanic import Request, Sanic
-from sanic.response import HTTPResponse
+from sanic.response import BaseHTTPResponse
 from sanic_ext import Extend
 
 from api import errors
@@ -23,7 +24,9 @@ from socks5_analytics import __version__
 from socks5_analytics.config import Settings
 from socks5_analytics.storage import Repository
 
-__all__ = ["create_app"]
+__all__ = ["App", "create_app"]
+
+App = Sanic[Any, Any]
 
 _names = itertools.count()
 
@@ -32,7 +35,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _configure(app: Sanic, settings: Settings) -> None:
+def _configure(app: App, settings: Settings) -> None:
     api = settings.api
     app.config.update({
         "REQUEST_MAX_SIZE": api.max_request_size,
@@ -74,7 +77,7 @@ def create_app(
     repository: Repository | None = None,
     clock: Callable[[], datetime] = _utc_now,
     name: str | None = None,
-) -> Sanic:
+) -> App:
     """The API app. With `repository`, the caller owns it (tests, `up`); without, the app
     opens one from `settings.database` before serving and closes it after."""
     # configure_logging=False: Sanic's loggers go to the root logger, which
@@ -99,11 +102,9 @@ def create_app(
     token = settings.api.token
     expected = token.get_secret_value().encode() if token is not None else None
 
-    @app.on_request(priority=100)
     async def start_clock(request: Request) -> None:
         request.ctx.started = time.perf_counter()
 
-    @app.on_request(priority=90)
     async def authenticate(request: Request) -> None:
         if expected is None or request.method == "OPTIONS":
             return
@@ -116,8 +117,7 @@ def create_app(
                                                                  expected):
             raise UnauthorizedError("this route needs `Authorization: Bearer <token>`")
 
-    @app.on_response(priority=100)
-    async def count(request: Request, response: HTTPResponse) -> None:
+    async def count(request: Request, response: BaseHTTPResponse) -> None:
         started = getattr(request.ctx, "started", None)
         # The route's name without the app's ("<app>.<blueprint>.<route>").
         route = (request.route.name.partition(".")[2] if request.route is not None
@@ -127,25 +127,28 @@ def create_app(
                                     status=response.status,
                                     seconds=time.perf_counter() - started)
 
-    @app.before_server_start
-    async def docs_pages_are_public(app: Sanic) -> None:
+    async def docs_pages_are_public(app: App) -> None:
         # The docs pages carry no data; they fetch the document with the user's token.
         for route in app.router.routes:
             if route.name.endswith(("openapi.index", "openapi.redoc")):
                 route.ctx.public = True
 
-    @app.before_server_start
-    async def open_repository(app: Sanic) -> None:
+    async def open_repository(app: App) -> None:
         if app.ctx.repository is None:
             app.ctx.repository = await Repository.from_settings(
                 settings.database, application_name="socks5-analytics-api"
             )
             app.ctx.owns_repository = True
 
-    @app.after_server_stop
-    async def close_repository(app: Sanic) -> None:
+    async def close_repository(app: App) -> None:
         if getattr(app.ctx, "owns_repository", False):
             await app.ctx.repository.close()
 
+    app.register_middleware(start_clock, "request", priority=100)
+    app.register_middleware(authenticate, "request", priority=90)
+    app.register_middleware(count, "response", priority=100)
+    app.register_listener(docs_pages_are_public, "before_server_start")
+    app.register_listener(open_repository, "before_server_start")
+    app.register_listener(close_repository, "after_server_stop")
     errors.install(app)
     return app

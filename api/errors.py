@@ -139,6 +139,6 @@ async def handle(request: Request, exc: BaseException) -> HTTPResponse:
                 headers={k: v for k, v in headers.items() if v})
 
 
-def install(app: Sanic) -> None:
+def install(app: Sanic[Any, Any]) -> None:
     """Make `handle` the app's handler for every exception."""
     app.error_handler.add(Exception, handle)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sanic_ext.extensions.openapi import openapi
-from sanic_ext.extensions.openapi.types import Schema
+from sanic_ext.extensions.openapi import openapi, types
 
 from api.params import ROUTE_PARAMETERS, SCHEMAS
 
 __all__ = ["SCHEMA", "describe", "list_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+Schema: Any = types.Schema  # sanic-ext's schema objects are untyped
 
 _INT = {"type": "integer", "minimum": 0}
 _MS = {"type": "number", "nullable": True, "minimum": 0}

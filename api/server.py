@@ -57,12 +57,12 @@ async def serve(
     app = create_app(settings, **options)
     host, port = settings.api.listen
     sock = _listening_socket(host, port)
-    # Not accepting before the listeners have opened the repository.
-    server = await app.create_server(sock=sock, access_log=False, backlog=1024,
-                                     return_asyncio_server=True,
-                                     asyncio_server_kwargs={"start_serving": False})
-    if server is None:  # pragma: no cover - return_asyncio_server=True always returns one
-        raise RuntimeError("sanic returned no server")
+    # Not accepting before the listeners have opened the repository. (Sanic's AsyncioServer
+    # is untyped.)
+    server: Any = await app.create_server(
+        sock=sock, access_log=False, backlog=1024, return_asyncio_server=True,
+        asyncio_server_kwargs={"start_serving": False},
+    )
     await server.startup()
     await server.before_start()  # opens the repository
     try:
