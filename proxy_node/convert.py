@@ -95,6 +95,8 @@ def event_to_proto(event: ConnectionEvent) -> pb.ConnectionEvent:
         message.ttfb_ms = event.ttfb_ms
     if event.trace_id:
         message.trace_id = bytes.fromhex(event.trace_id)
+    if event.span_id:
+        message.span_id = bytes.fromhex(event.span_id)
     return message
 
 

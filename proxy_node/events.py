@@ -70,10 +70,12 @@ class ConnectionEvent(NamedTuple):
     bytes_out: int
     bytes_in: int
     trace_id: str | None
+    span_id: str | None = None  # for linking the collector's spans; not a stored field
 
     def to_json_dict(self) -> dict[str, Any]:
-        """A JSON-ready mapping: ISO 8601 UTC times with microseconds, UUID as text."""
+        """A JSON-ready mapping of the design's fields: ISO 8601 UTC times, UUID as text."""
         data = self._asdict()
+        del data["span_id"]
         data["event_id"] = str(self.event_id)
         data["started_at"] = _iso(self.started_at)
         data["ended_at"] = _iso(self.ended_at)
@@ -119,8 +121,10 @@ class ConnectionRecord:
         "request_mono",
         "source_ip",
         "source_port",
+        "span_id",
         "started_wall_us",
         "status",
+        "trace_id",
         "user",
     )
 
@@ -146,6 +150,8 @@ class ConnectionRecord:
         self.bytes_out = 0
         self.bytes_in = 0
         self.event_id: uuid.UUID | None = None
+        self.trace_id: str | None = None
+        self.span_id: str | None = None
 
     @property
     def started_at(self) -> datetime:
@@ -199,5 +205,6 @@ class ConnectionRecord:
             duration_ms=round(duration_ms, 3),
             bytes_out=self.bytes_out,
             bytes_in=self.bytes_in,
-            trace_id=None,
+            trace_id=self.trace_id,
+            span_id=self.span_id,
         )

@@ -37,6 +37,7 @@ __all__ = ["GrpcExporter", "NodeIdentity", "encode_batch_request"]
 
 _METHOD = "/traffic.v1.IngestService/Stream"
 _DROP_LOG_INTERVAL = 10.0
+_MAX_LINKS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +94,16 @@ class GrpcExporter:
         identity: NodeIdentity,
         status: Callable[[], tuple[int, str]],
         log: Any,
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
         self.status = status  # () -> (active connections, policy version)
         self.log = log
+        self.tracer = tracer
         self.targets = [format_address(host, port) for host, port in settings.collectors]
+        # Running totals for the metrics: sent, acked, rejected, resent, spooled.
+        self.batch_counts = {"sent": 0, "acked": 0, "rejected": 0, "resent": 0, "spooled": 0}
         self.dropped = 0
         self.rejected = 0
         self.delivered = 0
@@ -117,6 +122,16 @@ class GrpcExporter:
         self._last_drop_log = 0.0
         self._reported_dropped = 0
         self.connected = False
+
+    @property
+    def buffered(self) -> int:
+        """Events and interim reports waiting in memory."""
+        return len(self._events) + len(self._interims)
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes in the disk spool."""
+        return self._spool.size if self._spool is not None else 0
 
     # -- the sink interface (called on the loop, must never wait) ----------------------------
 
@@ -194,7 +209,28 @@ class GrpcExporter:
         while interims and count < limit:
             batch.interims.append(interim_to_proto(interims.popleft()))
             count += 1
+        if self.tracer is not None:
+            batch.traceparent = self._export_span(batch)
         return _Batch(batch.SerializeToString(), count, None)
+
+    def _export_span(self, batch: ingest.Batch) -> str:
+        """A span for handing this batch over, linked to its connections' spans; returns
+        its W3C traceparent for the collector to continue."""
+        from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+
+        links = [
+            Link(SpanContext(int.from_bytes(e.trace_id, "big"), int.from_bytes(e.span_id, "big"),
+                             is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+            for e in batch.events[:_MAX_LINKS] if e.trace_id and e.span_id
+        ]
+        span = self.tracer.start_span("socks5.export", kind=SpanKind.PRODUCER, links=links,
+                                      attributes={"messaging.batch.message_count":
+                                                  len(batch.events) + len(batch.interims)})
+        context = span.get_span_context()
+        span.end()
+        if not context.trace_flags.sampled:
+            return ""
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
 
     def _flush_memory(self) -> None:
         while (batch := self._take_batch()) is not None:
@@ -226,6 +262,7 @@ class GrpcExporter:
         if spool is None or not await self._in_io(spool.append, batch.payload):
             self._count_dropped(batch.events)
             return
+        self.batch_counts["spooled"] += 1
         self._spool_unread = True
         self._work.set()
 
@@ -343,6 +380,7 @@ class GrpcExporter:
                 for unanswered in self._inflight:  # from the last stream: resend first
                     sequence += 1
                     unanswered.sequence = sequence
+                    self.batch_counts["resent"] += 1
                     await write(encode_batch_request(unanswered.payload, sequence))
                 self.connected = True
                 if self._inflight:
@@ -362,6 +400,7 @@ class GrpcExporter:
                     sequence += 1
                     batch.sequence = sequence
                     self._inflight.append(batch)
+                    self.batch_counts["sent"] += 1
                     await write(encode_batch_request(batch.payload, sequence))
             finally:
                 self.connected = False
@@ -406,6 +445,7 @@ class GrpcExporter:
                 raise _StreamBroken(f"answer for batch {result.sequence} out of order")
             batch = self._inflight.popleft()
             self.delivered += result.inserted + result.duplicates
+            self.batch_counts["acked" if kind == "ack" else "rejected"] += 1
             if kind == "rejection":
                 self.rejected += len(result.invalid)
                 self.log.warning("collector rejected events",

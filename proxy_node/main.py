@@ -11,8 +11,10 @@ import asyncio
 import ipaddress
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,13 +30,15 @@ from proxy_node.sink import EventSink, JsonLinesSink, NullSink
 from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
+from socks5_analytics.telemetry import serve_metrics, setup_tracing
 
 __all__ = ["run"]
 
 log = get_logger("proxy_node")
 
 
-def _make_sink(settings: Settings, status: Callable[[], tuple[int, str]]) -> EventSink:
+def _make_sink(settings: Settings, status: Callable[[], tuple[int, str]],
+               tracer: Any = None) -> EventSink:
     events = settings.proxy.events
     if events.kind == "none":
         return NullSink()
@@ -45,7 +49,7 @@ def _make_sink(settings: Settings, status: Callable[[], tuple[int, str]]) -> Eve
             boot_id=new_boot_id(),
             started_at=datetime.now(UTC),
         )
-        return GrpcExporter(events, identity=identity, status=status, log=log)
+        return GrpcExporter(events, identity=identity, status=status, log=log, tracer=tracer)
     return JsonLinesSink(events.path, capacity=events.buffer_events,
                          flush_interval=events.flush_interval)
 
@@ -76,6 +80,15 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     except PolicyError as exc:
         log.error("invalid policy", error=str(exc))
         return 2
+    from proxy_node.metrics import ProxyMetrics  # after the multiprocess setup, if any
+
+    metrics = ProxyMetrics()
+    metrics.set_policy(policy.version)
+    metrics_server = None
+    if worker == 0:  # workers write shared files; the parent serves them
+        metrics_server = serve_metrics(proxy.metrics_listen, metrics.registry)
+    provider = setup_tracing(settings.telemetry, service="proxy", node=settings.node_id)
+    tracer = provider.get_tracer("proxy_node", __version__) if provider is not None else None
     authenticator = PolicyAuthenticator(policy)
     gatekeeper = Gatekeeper(policy)
     loop = asyncio.get_running_loop()
@@ -86,7 +99,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         active = server.active_connections if server is not None else 0
         return active, current["policy"].version
 
-    sink = _make_sink(settings, status)
+    sink = _make_sink(settings, status, tracer)
     await sink.start()
     server = ProxyServer(
         proxy,
@@ -97,6 +110,8 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         resolver=CachingResolver(timeout=proxy.dns_timeout, ttl=proxy.dns_cache_ttl,
                                  size=proxy.dns_cache_size),
         log=log,
+        metrics=metrics,
+        tracer=tracer,
     )
     host, port = proxy.listen
     listener = open_listening_socket(host, port, reuse_port=reuse_port)
@@ -108,11 +123,18 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         authenticator.update(new)
         gatekeeper.update(new)
         current["policy"] = new
+        metrics.set_policy(new.version)
         revoked = server.revoke() if server is not None else 0
         log.info("policy applied", policy_version=new.version, users=len(new.users),
                  revoked_sessions=revoked)
 
-    tasks = [interims]
+    async def sample_metrics() -> None:
+        exporter = sink if isinstance(sink, GrpcExporter) else None
+        while True:
+            metrics.sample(active=server.active_connections if server else 0, exporter=exporter)
+            await asyncio.sleep(1.0)
+
+    tasks = [interims, loop.create_task(sample_metrics())]
     if proxy.policy_file is not None:
         watcher = PolicyWatcher(proxy.policy_file, current=policy, apply=apply_policy,
                                 interval=proxy.policy_poll_interval, log=log)
@@ -126,7 +148,8 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     if worker == 0:
         log.info("proxy listening", address=format_address(*bound), version=__version__,
                  policy_version=policy.version, auth=policy.requires_auth,
-                 workers=proxy.workers)
+                 workers=proxy.workers, metrics=_metrics_address(metrics_server),
+                 tracing=tracer is not None)
     try:
         await stop.wait()
         log.info("shutting down", active_connections=server.active_connections)
@@ -135,8 +158,19 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         for task in tasks:
             task.cancel()
         await sink.close()
+        if provider is not None:
+            provider.shutdown()
+        if metrics_server is not None:
+            metrics_server.shutdown()
     log.info("stopped", events_dropped=sink.dropped)
     return 0
+
+
+def _metrics_address(server: Any) -> str | None:
+    if server is None:
+        return None
+    host, port = server.server_address[:2]
+    return format_address(str(host), int(port))
 
 
 def _warn_if_open(host: str, policy: Policy) -> None:
@@ -166,6 +200,10 @@ def _run_workers(settings: Settings) -> int:
     pinned = settings.model_copy(
         update={"proxy": settings.proxy.model_copy(update={"listen": (host, port)})}
     )
+    # Workers record metrics into shared files; this process serves their sum. Set before
+    # anything imports prometheus_client, which reads it once.
+    metrics_dir = tempfile.mkdtemp(prefix="s5a-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("fork")
     workers = []
     for index in range(settings.proxy.workers):
@@ -176,8 +214,9 @@ def _run_workers(settings: Settings) -> int:
         workers.append((process, ready))
     for _, ready in workers:
         ready.wait(timeout=30)
+    metrics_server = serve_metrics(settings.proxy.metrics_listen)
     log.info("proxy listening", address=format_address(host, port), version=__version__,
-             workers=len(workers))
+             workers=len(workers), metrics=_metrics_address(metrics_server))
 
     def forward(signum: int, _frame: Any) -> None:
         for process, _ in workers:
@@ -187,10 +226,17 @@ def _run_workers(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     status = 0
+    from prometheus_client import multiprocess
+
     for process, _ in workers:
         process.join()
         status = status or (process.exitcode or 0)
+        if process.pid is not None:
+            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
     reservation.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("stopped", workers=len(workers))
     return status
 

@@ -13,7 +13,7 @@ import errno
 import socket
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy_node.auth import Authenticator
 from proxy_node.gatekeeper import Admission, Gatekeeper
@@ -21,7 +21,11 @@ from proxy_node.relay import RelayBuffer
 from proxy_node.resolver import Resolver
 from proxy_node.session import Session
 from proxy_node.sink import EventSink
+from proxy_node.tracing import end_span, start_span
 from socks5_analytics.config import ProxySettings
+
+if TYPE_CHECKING:  # imported lazily at run time: prometheus_client must see the worker setup
+    from proxy_node.metrics import ProxyMetrics
 
 __all__ = ["ProxyServer", "open_listening_socket"]
 
@@ -62,8 +66,12 @@ class ProxyServer:
         rules: Gatekeeper,
         resolver: Resolver,
         log: Any,
+        metrics: ProxyMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        self.tracer = tracer  # None: tracing off, and no tracing call is made
         self.node_id = node_id
         self.sink = sink
         self.authenticator = authenticator
@@ -113,6 +121,8 @@ class ProxyServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = Session(self, sock, peer, time.monotonic())
+            if self.tracer is not None:
+                session.span = start_span(self.tracer, session.record)
             source_ip = session.record.source_ip
             session.denial = self.rules.admit_source(source_ip)
             if session.denial is None:
@@ -124,6 +134,8 @@ class ProxyServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
         sock.close()
         self.refused_over_capacity += 1
+        if self.metrics is not None:
+            self.metrics.refused.inc()
         now = time.monotonic()
         if now - self._last_refusal_log >= 10:
             self._last_refusal_log = now
@@ -168,6 +180,8 @@ class ProxyServer:
         revoked = [s for s in list(self.sessions) if not s.ended and not s.still_allowed()]
         for session in revoked:
             session.abort("revoked")
+        if revoked and self.metrics is not None:
+            self.metrics.revoked.inc(len(revoked))
         return len(revoked)
 
     def session_ended(self, session: Session) -> None:
@@ -175,7 +189,13 @@ class ProxyServer:
         self.sessions.discard(session)
         if session.admission is not None:
             self.rules.release(session.admission)
-        self.sink.emit(session.record.finish(node_id=self.node_id, now_mono=time.monotonic()))
+        record = session.record
+        if session.span is not None:
+            end_span(session.span, record)
+        event = record.finish(node_id=self.node_id, now_mono=time.monotonic())
+        self.sink.emit(event)
+        if self.metrics is not None:
+            self.metrics.connection_ended(record, event.duration_ms / 1000.0)
         if self._drained is not None and not self.sessions:
             self._drained.set()
 

@@ -47,6 +47,7 @@ _COMMAND_NAMES = {
 }
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 _HANDSHAKE_TIMEOUT = "handshake_timeout"
+_AUTH_FAILURE_REASONS = {"rate_limited": "auth_throttled", "denied_whitelist": "denied"}
 _ANY_METHOD = (AuthMethod.NO_AUTHENTICATION_REQUIRED, AuthMethod.USERNAME_PASSWORD)
 _PASSWORD_ONLY = (AuthMethod.USERNAME_PASSWORD,)
 _NO_AUTH_ONLY = (AuthMethod.NO_AUTHENTICATION_REQUIRED,)
@@ -57,7 +58,7 @@ class Session:
 
     __slots__ = (
         "abort_reason", "admission", "denial", "ended", "record", "relay", "server", "sock",
-        "task",
+        "span", "task",
     )
 
     def __init__(self, server: ProxyServer, sock: socket.socket, peer: tuple[str, int],
@@ -73,6 +74,7 @@ class Session:
         # (the refusal is answered with REP 0x02 once the request has arrived).
         self.admission: Admission | None = None
         self.denial: str | None = None
+        self.span: Any = None  # the session's OpenTelemetry span, when tracing is on
 
     def still_allowed(self) -> bool:
         """Whether the policy now in force would still admit this session."""
@@ -115,20 +117,42 @@ class Session:
             if self.abort_reason == _HANDSHAKE_TIMEOUT:
                 record.status = "timeout"
                 record.close_reason = "idle_timeout"
+                self._count_failure("timeout")
             else:
                 record.close_reason = self.abort_reason or "shutdown"
             self._end()
         except ClientClosed:
             record.close_reason = "client"
+            self._count_failure("client_closed")
             self._end()
-        except (NoAcceptableMethod, AuthFailed, WireError, ProxyError):
+        except NoAcceptableMethod:
             record.close_reason = "error"
+            self._count_failure("no_acceptable_method")
+            self._end()
+        except AuthFailed:
+            record.close_reason = "error"
+            self._count_failure(_AUTH_FAILURE_REASONS.get(record.status, "auth_failed"))
+            self._end()
+        except WireError:
+            record.close_reason = "error"
+            self._count_failure("malformed")
+            self._end()
+        except ProxyError:
+            record.close_reason = "error"
+            if self.denial is not None:
+                self._count_failure("denied")
             self._end()
         except Exception:
             self.server.log.exception("session failed", source_ip=record.source_ip)
             record.status = "error"
             record.close_reason = "error"
             self._end()
+
+    def _count_failure(self, reason: str) -> None:
+        """A handshake that ended before the request was answered, for the metrics."""
+        metrics = self.server.metrics
+        if metrics is not None and self.record.replied_mono is None:
+            metrics.handshake_failed(reason)
 
     async def _run(self) -> None:
         server = self.server

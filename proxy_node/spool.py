@@ -61,6 +61,7 @@ class Spool:
             self._sizes[number] = self._recover(path)
         if not self._sizes:
             self._sizes[1] = 0
+        self._total = sum(self._sizes.values())
         self._write_segment = max(self._sizes)
         self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
         self._read = SpoolPosition(min(self._sizes), 0)
@@ -92,8 +93,9 @@ class Spool:
 
     @property
     def size(self) -> int:
-        """Bytes on disk, acknowledged or not (what the bound applies to)."""
-        return sum(self._sizes.values())
+        """Bytes on disk, acknowledged or not (what the bound applies to); an int read is
+        safe from other threads."""
+        return self._total
 
     def has_unread(self) -> bool:
         """Whether a record is waiting to be read."""
@@ -110,6 +112,7 @@ class Spool:
         self._writer.write(record)
         self._writer.flush()
         self._sizes[self._write_segment] += len(record)
+        self._total += len(record)
         self._dirty = True
         if self.fsync == "always" or (
             self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval
@@ -173,7 +176,7 @@ class Spool:
             self._read = SpoolPosition(self._write_segment, 0)
 
     def _delete(self, segment: int) -> None:
-        self._sizes.pop(segment, None)
+        self._total -= self._sizes.pop(segment, 0)
         try:
             self._path(segment).unlink()
         except FileNotFoundError:

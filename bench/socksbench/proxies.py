@@ -231,6 +231,7 @@ class Ours(Proxy):
             f'  listen: "{LOOPBACK}:{port}"\n'
             f"  policy_file: {self._write_policy(auth, workdir)}\n"
             f"  workers: {self.workers}\n"
+            '  metrics_listen: "127.0.0.1:0"\n'
             "  events:\n"
             "    sink: jsonl\n"
             f"    path: {workdir / 'events.jsonl'}\n"

@@ -193,8 +193,9 @@ def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "database": {"url": database_url},
         "proxy": {"events": {"flush_interval": 0.05, "heartbeat_interval": 0.2,
                              "spool_dir": str(workdir / "spool")},
-                  "shutdown_grace": 2.0},
-        "collector": {"batch_max_delay": 0.01, "nodes_flush_interval": 0.1},
+                  "shutdown_grace": 2.0, "metrics_listen": "127.0.0.1:0"},
+        "collector": {"batch_max_delay": 0.01, "nodes_flush_interval": 0.1,
+                      "metrics_listen": "127.0.0.1:0"},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     policy = {

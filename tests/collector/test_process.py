@@ -42,6 +42,7 @@ async def spawn(database_url: str, tmp_path: Path) -> AsyncIterator[Spawn]:
     async def start() -> CollectorProcess:
         env = {**os.environ, "S5A_DATABASE__URL": database_url,
                "S5A_COLLECTOR__LISTEN": "127.0.0.1:0", "S5A_LOG__FORMAT": "json",
+               "S5A_COLLECTOR__METRICS_LISTEN": "127.0.0.1:0",
                "S5A_COLLECTOR__SHUTDOWN_GRACE": "5", "PYTHONPATH": str(ROOT)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "collector", cwd=tmp_path, env=env,

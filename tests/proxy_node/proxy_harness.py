@@ -245,6 +245,7 @@ class ProxyProcess:
             "node_id": "test-node",
             "log": {"format": "json", "level": "info"},
             "proxy": {
+                "metrics_listen": "127.0.0.1:0",  # many proxies at once: a free port each
                 "events": {"path": str(self.events_path), "flush_interval": 0.05},
                 "shutdown_grace": 2.0,
                 "handshake_timeout": 10.0,

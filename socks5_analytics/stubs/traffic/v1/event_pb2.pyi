@@ -72,7 +72,7 @@ CLOSE_REASON_REVOKED: CloseReason
 CLOSE_REASON_ERROR: CloseReason
 
 class ConnectionEvent(_message.Message):
-    __slots__ = ("event_id", "node_id", "started_at", "ended_at", "source_ip", "source_port", "user", "command", "protocol", "dest_host", "domain", "dest_ip", "dest_port", "status", "reply_code", "close_reason", "connect_ms", "ttfb_ms", "duration_ms", "bytes_out", "bytes_in", "trace_id")
+    __slots__ = ("event_id", "node_id", "started_at", "ended_at", "source_ip", "source_port", "user", "command", "protocol", "dest_host", "domain", "dest_ip", "dest_port", "status", "reply_code", "close_reason", "connect_ms", "ttfb_ms", "duration_ms", "bytes_out", "bytes_in", "trace_id", "span_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ConnectionEvent(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: bytes
     node_id: str
     started_at: _timestamp_pb2.Timestamp
@@ -117,7 +118,8 @@ class ConnectionEvent(_message.Message):
     bytes_out: int
     bytes_in: int
     trace_id: bytes
-    def __init__(self, event_id: _Optional[bytes] = ..., node_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_ip: _Optional[bytes] = ..., source_port: _Optional[int] = ..., user: _Optional[str] = ..., command: _Optional[_Union[Command, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., dest_host: _Optional[str] = ..., domain: _Optional[str] = ..., dest_ip: _Optional[bytes] = ..., dest_port: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., reply_code: _Optional[int] = ..., close_reason: _Optional[_Union[CloseReason, str]] = ..., connect_ms: _Optional[float] = ..., ttfb_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., trace_id: _Optional[bytes] = ...) -> None: ...
+    span_id: bytes
+    def __init__(self, event_id: _Optional[bytes] = ..., node_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_ip: _Optional[bytes] = ..., source_port: _Optional[int] = ..., user: _Optional[str] = ..., command: _Optional[_Union[Command, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., dest_host: _Optional[str] = ..., domain: _Optional[str] = ..., dest_ip: _Optional[bytes] = ..., dest_port: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., reply_code: _Optional[int] = ..., close_reason: _Optional[_Union[CloseReason, str]] = ..., connect_ms: _Optional[float] = ..., ttfb_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ...) -> None: ...
 
 class InterimReport(_message.Message):
     __slots__ = ("event_id", "started_at", "reported_at", "source_ip", "user", "domain", "bytes_out", "bytes_in")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as traffic_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17traffic/v1/ingest.proto\x12\ntraffic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16traffic/v1/event.proto\"\x8b\x01\n\rIngestRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.traffic.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.traffic.v1.BatchH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.traffic.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\x82\x01\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\x0c\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.traffic.v1.ConnectionEvent\x12+\n\x08interims\x18\x03 \x03(\x0b\x32\x19.traffic.v1.InterimReport\"l\n\tHeartbeat\x12\x1a\n\x12\x61\x63tive_connections\x18\x01 \x01(\r\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0eIngestResponse\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.traffic.v1.AckH\x00\x12*\n\trejection\x18\x02 \x01(\x0b\x32\x15.traffic.v1.RejectionH\x00\x42\x06\n\x04kind\"=\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"m\n\tRejection\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12(\n\x07invalid\x18\x04 \x03(\x0b\x32\x17.traffic.v1.InvalidItem\"O\n\x0bInvalidItem\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07interim\x18\x02 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t2T\n\rIngestService\x12\x43\n\x06Stream\x12\x19.traffic.v1.IngestRequest\x1a\x1a.traffic.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17traffic/v1/ingest.proto\x12\ntraffic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16traffic/v1/event.proto\"\x8b\x01\n\rIngestRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.traffic.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.traffic.v1.BatchH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.traffic.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\x82\x01\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\x0c\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.traffic.v1.ConnectionEvent\x12+\n\x08interims\x18\x03 \x03(\x0b\x32\x19.traffic.v1.InterimReport\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"l\n\tHeartbeat\x12\x1a\n\x12\x61\x63tive_connections\x18\x01 \x01(\r\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0eIngestResponse\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.traffic.v1.AckH\x00\x12*\n\trejection\x18\x02 \x01(\x0b\x32\x15.traffic.v1.RejectionH\x00\x42\x06\n\x04kind\"=\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"m\n\tRejection\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12(\n\x07invalid\x18\x04 \x03(\x0b\x32\x17.traffic.v1.InvalidItem\"O\n\x0bInvalidItem\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07interim\x18\x02 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t2T\n\rIngestService\x12\x43\n\x06Stream\x12\x19.traffic.v1.IngestRequest\x1a\x1a.traffic.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTREQUEST']._serialized_end=236
   _globals['_HELLO']._serialized_start=239
   _globals['_HELLO']._serialized_end=369
-  _globals['_BATCH']._serialized_start=371
-  _globals['_BATCH']._serialized_end=486
-  _globals['_HEARTBEAT']._serialized_start=488
-  _globals['_HEARTBEAT']._serialized_end=596
-  _globals['_INGESTRESPONSE']._serialized_start=598
-  _globals['_INGESTRESPONSE']._serialized_end=698
-  _globals['_ACK']._serialized_start=700
-  _globals['_ACK']._serialized_end=761
-  _globals['_REJECTION']._serialized_start=763
-  _globals['_REJECTION']._serialized_end=872
-  _globals['_INVALIDITEM']._serialized_start=874
-  _globals['_INVALIDITEM']._serialized_end=953
-  _globals['_INGESTSERVICE']._serialized_start=955
-  _globals['_INGESTSERVICE']._serialized_end=1039
+  _globals['_BATCH']._serialized_start=372
+  _globals['_BATCH']._serialized_end=508
+  _globals['_HEARTBEAT']._serialized_start=510
+  _globals['_HEARTBEAT']._serialized_end=618
+  _globals['_INGESTRESPONSE']._serialized_start=620
+  _globals['_INGESTRESPONSE']._serialized_end=720
+  _globals['_ACK']._serialized_start=722
+  _globals['_ACK']._serialized_end=783
+  _globals['_REJECTION']._serialized_start=785
+  _globals['_REJECTION']._serialized_end=894
+  _globals['_INVALIDITEM']._serialized_start=896
+  _globals['_INVALIDITEM']._serialized_end=975
+  _globals['_INGESTSERVICE']._serialized_start=977
+  _globals['_INGESTSERVICE']._serialized_end=1061
 # @@protoc_insertion_point(module_scope)

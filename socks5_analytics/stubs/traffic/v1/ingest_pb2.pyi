@@ -35,14 +35,16 @@ class Hello(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., boot_id: _Optional[bytes] = ..., policy_version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "events", "interims")
+    __slots__ = ("sequence", "events", "interims", "traceparent")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTERIMS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     events: _containers.RepeatedCompositeFieldContainer[_event_pb2.ConnectionEvent]
     interims: _containers.RepeatedCompositeFieldContainer[_event_pb2.InterimReport]
-    def __init__(self, sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_event_pb2.ConnectionEvent, _Mapping]]] = ..., interims: _Optional[_Iterable[_Union[_event_pb2.InterimReport, _Mapping]]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_event_pb2.ConnectionEvent, _Mapping]]] = ..., interims: _Optional[_Iterable[_Union[_event_pb2.InterimReport, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("active_connections", "policy_version", "sent_at")
