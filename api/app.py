@@ -5,6 +5,7 @@ repository's pool on `app.ctx`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import time
@@ -22,13 +23,34 @@ from api.errors import UnauthorizedError
 from api.metrics import ApiMetrics
 from socks5_analytics import __version__
 from socks5_analytics.config import Settings
+from socks5_analytics.logs import get_logger
 from socks5_analytics.storage import Repository
+from socks5_analytics.storage.errors import DatabaseUnavailableError
 
 __all__ = ["App", "create_app"]
 
 App = Sanic[Any, Any]
 
 _names = itertools.count()
+log = get_logger("api")
+
+
+async def _open(settings: Settings) -> Repository:
+    return await Repository.from_settings(settings.database,
+                                          application_name="socks5-analytics-api")
+
+
+async def _reconnect(app: App, settings: Settings) -> None:
+    """Open the repository once the database answers, backing off up to 10 s."""
+    delay = 0.5
+    while app.ctx.repository is None:
+        await asyncio.sleep(delay)
+        try:
+            app.ctx.repository = await _open(settings)
+        except DatabaseUnavailableError:
+            delay = min(delay * 2, 10.0)
+        else:
+            log.info("database available again")
 
 
 def _utc_now() -> datetime:
@@ -134,14 +156,23 @@ def create_app(
                 route.ctx.public = True
 
     async def open_repository(app: App) -> None:
-        if app.ctx.repository is None:
-            app.ctx.repository = await Repository.from_settings(
-                settings.database, application_name="socks5-analytics-api"
-            )
-            app.ctx.owns_repository = True
+        if app.ctx.repository is not None:
+            return
+        app.ctx.owns_repository = True
+        try:
+            app.ctx.repository = await _open(settings)
+        except DatabaseUnavailableError as exc:
+            # Serve anyway: /healthz stays up, /readyz and the data routes answer 503 until
+            # the database is back, as an orchestrator expects of a dependency outage.
+            log.warning("database unavailable; answering 503 until it is back", error=str(exc))
+            app.ctx.reconnecting = asyncio.get_running_loop().create_task(
+                _reconnect(app, settings), name="api-reconnect")
 
     async def close_repository(app: App) -> None:
-        if getattr(app.ctx, "owns_repository", False):
+        reconnecting = getattr(app.ctx, "reconnecting", None)
+        if reconnecting is not None:
+            reconnecting.cancel()
+        if getattr(app.ctx, "owns_repository", False) and app.ctx.repository is not None:
             await app.ctx.repository.close()
 
     app.register_middleware(start_clock, "request", priority=100)

@@ -10,13 +10,16 @@ from sanic import Request
 
 from api.params import ROUTE_PARAMETERS, single_values
 from socks5_analytics.storage import Repository
+from socks5_analytics.storage.errors import DatabaseUnavailableError
 
 __all__ = ["now", "query", "repository"]
 
 
 def repository(request: Request) -> Repository:
-    """The app's repository (opened by the `before_server_start` listener)."""
-    repo: Repository = request.app.ctx.repository
+    """The app's repository (opened by the `before_server_start` listener, or later)."""
+    repo: Repository | None = request.app.ctx.repository
+    if repo is None:
+        raise DatabaseUnavailableError("the database has not been reachable since startup")
     return repo
 
 

@@ -45,8 +45,8 @@ def blueprint(settings: ApiSettings) -> Blueprint:
               "not migrated to the newest revision.")
     async def readyz(request: Request) -> HTTPResponse:
         query(request, "none")
-        repo = repository(request)
         try:
+            repo = repository(request)
             await repo.ping()
             revision = await repo.schema_revision()
             head = _head(request)

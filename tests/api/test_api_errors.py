@@ -3,6 +3,10 @@ unknown routes and methods in the same shape; the bearer token; CORS."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -146,3 +150,80 @@ def test_cors_when_configured(secured: httpx.Client, client: httpx.Client) -> No
     # off by default
     plain = client.get("/stats/statuses", headers={"Origin": "https://ui.example"})
     assert "access-control-allow-origin" not in plain.headers
+
+
+def test_database_down_is_a_503_not_a_crash() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{probe.getsockname()[1]}/none"
+    with RunningApi(api_settings(url, token=TOKEN)) as api, \
+            httpx.Client(base_url=api.url, timeout=10) as http:
+        assert http.get("/healthz").status_code == 200
+        ready = http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["code"] == "not_ready"
+        stats = http.get("/stats/top-domains", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert stats.status_code == 503
+        assert stats.json()["error"]["code"] == "database_unavailable"
+
+
+class Forwarder:
+    """A TCP forwarder from a fixed loopback port to the database, started on demand."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def start(self) -> None:
+        async def listen() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(listen(), self._loop).result(10)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def test_the_api_recovers_when_the_database_comes_back(database_url: str) -> None:
+    target = httpx.URL(database_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = database_url.replace(f":{target.port}/", f":{port}/")
+    forwarder = Forwarder(port, (target.host, target.port or 5432))
+    try:
+        with RunningApi(api_settings(url)) as api, \
+                httpx.Client(base_url=api.url, timeout=10) as http:
+            assert http.get("/readyz").status_code == 503
+            forwarder.start()
+            deadline = time.monotonic() + 20
+            while http.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the API did not reconnect"
+                time.sleep(0.05)  # polling with a deadline: the reconnect is not awaitable
+            assert http.get("/stats/statuses").status_code == 200
+    finally:
+        forwarder.stop()
