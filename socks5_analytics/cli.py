@@ -114,6 +114,26 @@ def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _run_operator(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: kopf and aiohttp are only needed by this subcommand.
+    from socks5_operator.main import run
+
+    try:
+        return run(settings)
+    except ConfigError as exc:
+        print(f"socks5-analytics operator: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _operator_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    operator: dict[str, Any] = {}
+    if args.namespace is not None:
+        operator["namespace"] = args.namespace
+    if args.all_namespaces:
+        operator["cluster_wide"] = True
+    return {"operator": operator} if operator else {}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socks5-analytics",
@@ -181,6 +201,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_config(hashing)
     hashing.set_defaults(handler=_hash_password, overrides=lambda _args: {})
+
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator (ProxyUser, IPWhitelist -> policy Secret)",
+        description="Watches ProxyUser and IPWhitelist resources and renders the proxies' "
+        "policy into one Secret. Logs in with the pod's service account, else a kubeconfig.",
+    )
+    _add_config(operator)
+    operator.add_argument("--namespace", metavar="NS",
+                          help="namespace to watch and write the policy Secret to "
+                          "(default: the pod's own)")
+    operator.add_argument("--all-namespaces", action="store_true",
+                          help="watch the resources in every namespace")
+    operator.set_defaults(handler=_run_operator, overrides=_operator_overrides)
     return parser
 
 

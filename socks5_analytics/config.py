@@ -39,6 +39,7 @@ __all__ = [
     "DatabaseSettings",
     "EventSinkSettings",
     "LogSettings",
+    "OperatorSettings",
     "ProxySettings",
     "Settings",
     "format_address",
@@ -326,6 +327,33 @@ class CollectorSettings(_Section):
         return self
 
 
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class OperatorSettings(_Section):
+    """The Kubernetes operator (`socks5-analytics operator`)."""
+
+    # Namespace watched and where the policy Secret is written; null: the pod's own
+    namespace: str | None = Field(default=None, min_length=1, max_length=63, pattern=_K8S_NAME)
+    # Watch ProxyUser/IPWhitelist in every namespace (the Secret stays in `namespace`)
+    cluster_wide: bool = False
+    # The Secret that carries the rendered policy, and its key (the proxies' policy file name)
+    policy_secret: str = Field(default="socks5-analytics-policy", min_length=1,
+                               max_length=253, pattern=_K8S_NAME)
+    policy_key: str = Field(default="policy.yaml", min_length=1, max_length=253,
+                            pattern=r"^[-._a-zA-Z0-9]+$")
+    # YAML with the policy's `destinations` and `limits`; null: the proxies' defaults
+    base_policy_file: Path | None = None
+    # Seconds of quiet after a change before rendering, so a burst gives one write
+    debounce: float = Field(default=0.5, ge=0, le=60)
+    # The stats API, to count the nodes running each resource's policy; null: not counted
+    api_url: str | None = Field(default=None, pattern=r"^https?://")
+    api_token: SecretStr | None = Field(default=None, min_length=16)
+    rollout_interval: Seconds = 5.0
+    # Nodes without a heartbeat for this long are not counted
+    node_stale_after: Seconds = 30.0
+
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "s5a_config_file", default=None
 )
@@ -376,6 +404,7 @@ class Settings(BaseSettings):
     collector: CollectorSettings = CollectorSettings()
     api: ApiSettings = ApiSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    operator: OperatorSettings = OperatorSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,132 @@
+"""The few Kubernetes API calls the reconciler makes itself, over kopf's credentials.
+
+kopf watches the resources and logs in (service account in a pod, kubeconfig elsewhere);
+the reconciler, which acts outside any handler, reuses the same `kopf.ConnectionInfo` for
+three calls: read a Secret, write the policy Secret, patch a resource's status.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+
+from socks5_operator.render import GROUP, VERSION
+
+__all__ = ["KubeClient", "KubeError", "KubeUnavailable"]
+
+
+class KubeError(Exception):
+    """The API answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class KubeUnavailable(KubeError):
+    """The API could not be reached (or the operator has not logged in yet)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if not info.server.startswith("https"):
+        return False
+    if info.insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        cadata = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+        cafile = str(info.ca_path) if info.ca_path else None
+        if cadata and "-----BEGIN" not in cadata:  # kubeconfig's certificate-authority-data
+            cadata = base64.b64decode(cadata).decode()
+        context = ssl.create_default_context(cafile=cafile, cadata=cadata)
+    if info.certificate_path and info.private_key_path:
+        context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
+    return context
+
+
+class KubeClient:
+    """JSON over HTTP to the API server; one session per set of credentials."""
+
+    def __init__(self) -> None:
+        self._info: kopf.ConnectionInfo | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._stale: aiohttp.ClientSession | None = None  # the previous credentials' session
+
+    def use(self, info: kopf.ConnectionInfo) -> None:
+        """Take new credentials (kopf logged in again); the next call uses them."""
+        if info != self._info:
+            self._info = info
+            if self._session is not None:
+                self._stale, self._session = self._session, None
+
+    async def close(self) -> None:
+        """Release the HTTP session."""
+        for session in (self._session, self._stale):
+            if session is not None:
+                await session.close()
+        self._session = self._stale = None
+
+    async def _request(self, method: str, path: str, *, json: Any = None,
+                       content_type: str = "application/json") -> dict[str, Any] | None:
+        if self._info is None:
+            raise KubeUnavailable("not logged in to the Kubernetes API yet")
+        if self._stale is not None:
+            stale, self._stale = self._stale, None
+            await stale.close()
+        if self._session is None:
+            headers = dict(self._info.as_http_headers())
+            self._session = aiohttp.ClientSession(
+                base_url=self._info.server.rstrip("/") + "/", headers=headers,
+                connector=aiohttp.TCPConnector(ssl=_ssl_context(self._info)),
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        try:
+            async with self._session.request(method, path.lstrip("/"), json=json,
+                                             headers={"Content-Type": content_type}) as resp:
+                if resp.status == 404 and method == "GET":
+                    return None
+                payload = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    message = payload.get("message") if isinstance(payload, dict) else payload
+                    raise KubeError(resp.status, str(message))
+                return payload if isinstance(payload, dict) else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise KubeUnavailable(f"{method} {path}: {exc!r}") from exc
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret, or None when there is none."""
+        return await self._request("GET", f"api/v1/namespaces/{namespace}/secrets/{name}")
+
+    async def list_objects(self, group: str, version: str, plural: str,
+                           namespace: str | None) -> list[dict[str, Any]]:
+        """Every object of a custom resource, in one namespace or (None) in all."""
+        scope = f"namespaces/{namespace}/" if namespace else ""
+        listing = await self._request("GET", f"apis/{group}/{version}/{scope}{plural}")
+        items = (listing or {}).get("items") or []
+        return [item for item in items if isinstance(item, dict)]
+
+    async def put_secret(self, manifest: Mapping[str, Any], *, exists: bool) -> None:
+        """Create the Secret, or merge-patch it in place when it exists."""
+        meta = manifest["metadata"]
+        collection = f"api/v1/namespaces/{meta['namespace']}/secrets"
+        if exists:
+            await self._request("PATCH", f"{collection}/{meta['name']}", json=manifest,
+                                content_type="application/merge-patch+json")
+        else:
+            await self._request("POST", collection, json=manifest)
+
+    async def patch_status(self, plural: str, namespace: str, name: str,
+                           status: Mapping[str, Any]) -> None:
+        """Merge-patch a custom resource's status subresource."""
+        path = f"apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}/status"
+        await self._request("PATCH", path, json={"status": dict(status)},
+                            content_type="application/merge-patch+json")
