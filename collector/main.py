@@ -15,7 +15,9 @@ import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from collector.metrics import CollectorMetrics
 from collector.normalize import DomainRules, default_suffix_list
 from collector.publisher import Publisher
 from collector.server import CollectorServer, ServerOptions
@@ -24,13 +26,15 @@ from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.storage import Repository, StorageError, TransientError
+from socks5_analytics.telemetry import serve_metrics, setup_tracing
 
 __all__ = ["build_server", "run", "serve"]
 
 log = get_logger("collector")
 
 
-def build_server(settings: Settings, repository: Repository) -> CollectorServer:
+def build_server(settings: Settings, repository: Repository, *,
+                 metrics: CollectorMetrics | None = None, tracer: Any = None) -> CollectorServer:
     """The server, servicer and publisher of `settings.collector` over `repository`."""
     config = settings.collector
     publisher = Publisher(
@@ -42,6 +46,8 @@ def build_server(settings: Settings, repository: Repository) -> CollectorServer:
         retry_initial_backoff=config.retry_initial_backoff,
         retry_max_backoff=config.retry_max_backoff,
         nodes_flush_interval=config.nodes_flush_interval,
+        metrics=metrics,
+        tracer=tracer,
     )
     rules = DomainRules(
         default_suffix_list(private_domains=config.psl_private_domains),
@@ -53,7 +59,14 @@ def build_server(settings: Settings, repository: Repository) -> CollectorServer:
         limits=StreamLimits(hello_timeout=config.hello_timeout,
                             max_batch_items=config.max_batch_items,
                             max_pending=config.stream_max_pending),
+        metrics=metrics,
+        tracer=tracer,
     )
+    if metrics is not None:
+        metrics.watch(streams=lambda: servicer.active_streams,
+                      queue_rows=lambda: publisher.held_rows,
+                      database_up=lambda: not publisher.database_down,
+                      pool=repository.pool_usage)
     tls = config.tls
 
     def read(path: Path | None) -> bytes | None:
@@ -113,15 +126,27 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
         except StorageError as exc:
             log.error("cannot open the database", error=str(exc))
             return 1
+        metrics = CollectorMetrics()
+        provider = setup_tracing(settings.telemetry, service="collector",
+                                 node=settings.node_id)
+        tracer = provider.get_tracer("collector", __version__) if provider else None
+        metrics_server = None
         try:
-            server = build_server(settings, repository)
+            server = build_server(settings, repository, metrics=metrics, tracer=tracer)
+            try:
+                metrics_server = serve_metrics(settings.collector.metrics_listen,
+                                               metrics.registry)
+            except OSError as exc:
+                log.error("cannot serve metrics", error=str(exc))
+                return 1
             host, port = settings.collector.listen
             try:
                 bound = await server.start(host, port)
             except (OSError, RuntimeError) as exc:
                 log.error("cannot listen", address=format_address(host, port), error=str(exc))
                 return 1
-            log.info("collector listening", address=format_address(*bound), version=__version__)
+            log.info("collector listening", address=format_address(*bound), version=__version__,
+                     metrics=_address_of(metrics_server), tracing=tracer is not None)
             await stop.wait()
             log.info("shutting down", streams=server.servicer.active_streams,
                      held_rows=server.publisher.held_rows)
@@ -130,7 +155,18 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
                      writes=server.publisher.writes)
         finally:
             await repository.close()
+            if provider is not None:
+                provider.shutdown()
+            if metrics_server is not None:
+                metrics_server.shutdown()
     return 0
+
+
+def _address_of(server: Any) -> str | None:
+    if server is None:
+        return None
+    host, port = server.server_address[:2]
+    return format_address(str(host), int(port))
 
 
 async def _main(settings: Settings) -> int:

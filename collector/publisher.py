@@ -33,6 +33,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from collector.errors import PublisherClosedError, UnstorableBatchError
+from collector.metrics import CollectorMetrics
 from socks5_analytics.logs import get_logger
 from socks5_analytics.storage import (
     BatchResult,
@@ -95,6 +96,7 @@ class _Submission:
     done: asyncio.Future[Outcome]
     size: int
     released: bool = False
+    span_context: Any = None  # the node batch's span, for the write span to link to
 
 
 @dataclass(slots=True)
@@ -109,6 +111,9 @@ class _Partial:
         self.inserted += result.inserted
         self.duplicates += result.duplicates
         self.rejected.extend(result.rejected)
+
+
+_MAX_LINKS = 128
 
 
 def _utc_day(moment: datetime) -> date:
@@ -130,8 +135,12 @@ class Publisher:
         retry_max_backoff: float = 5.0,
         nodes_flush_interval: float = 2.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: CollectorMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         self._writer = writer
+        self.metrics = metrics
+        self.tracer = tracer
         self._batch_max_events = batch_max_events
         self._batch_max_delay = batch_max_delay
         self._capacity = queue_max_events
@@ -178,7 +187,8 @@ class Publisher:
     # -- the streams' side ----------------------------------------------------------------
 
     async def submit(
-        self, events: Sequence[StoredEvent], interims: Sequence[InterimReport]
+        self, events: Sequence[StoredEvent], interims: Sequence[InterimReport], *,
+        span_context: Any = None,
     ) -> asyncio.Future[Outcome]:
         """Queue a batch once there is room; the future resolves after its commit."""
         size = max(1, len(events) + len(interims))
@@ -190,7 +200,8 @@ class Publisher:
             raise PublisherClosedError("the collector is stopping")
         self._held += size
         submission = _Submission(events, interims,
-                                 asyncio.get_running_loop().create_future(), size)
+                                 asyncio.get_running_loop().create_future(), size,
+                                 span_context=span_context)
         if not events and not interims:
             self._resolve(submission, Outcome(0, 0, 0))
             return submission.done
@@ -248,13 +259,16 @@ class Publisher:
 
     async def _store_group(self, group: list[_Submission]) -> None:
         now = self._clock()
+        events = [row for s in group for row in s.events]
+        interims = [row for s in group for row in s.interims]
+        span = self._write_span(group, len(events) + len(interims))
+        started = time.monotonic()
         try:
-            partial = await self._store(
-                [row for s in group for row in s.events],
-                [row for s in group for row in s.interims],
-                now,
-            )
+            partial = await self._store(events, interims, now)
         except UnstorableBatchError as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.end()
             log.error("the database keeps failing a write; its streams end and their "
                       "nodes resend later", batches=len(group), error=str(exc))
             for submission in group:
@@ -262,7 +276,31 @@ class Publisher:
             return
         self.writes += 1
         self.committed_rows += partial.inserted + partial.duplicates
+        if self.metrics is not None:
+            self.metrics.commit_seconds.observe(time.monotonic() - started)
+            self.metrics.write_rows.observe(len(events) + len(interims))
+            self.metrics.rows_written.labels("inserted").inc(partial.inserted)
+            self.metrics.rows_written.labels("duplicate").inc(partial.duplicates)
+            if partial.rejected:
+                self.metrics.rejected([row.reason for row in partial.rejected])
+        if span is not None:
+            span.set_attribute("db.response.returned_rows", partial.inserted)
+            span.end()
         self._attribute(group, partial, now)
+
+    def _write_span(self, group: list[_Submission], rows: int) -> Any:
+        """The database write's span, linked to the node batches it carries."""
+        if self.tracer is None:
+            return None
+        from opentelemetry.trace import Link, SpanKind
+
+        links = [Link(s.span_context) for s in group[:_MAX_LINKS] if s.span_context is not None]
+        return self.tracer.start_span(
+            "INSERT traffic_logs", kind=SpanKind.CLIENT, links=links,
+            attributes={"db.system.name": "postgresql", "db.operation.name": "INSERT",
+                        "db.collection.name": "traffic_logs",
+                        "db.operation.batch.size": rows},
+        )
 
     async def _store(
         self, events: Sequence[StoredEvent], interims: Sequence[InterimReport], now: datetime

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from collector.errors import PublisherClosedError, UnstorableBatchError
+from collector.metrics import CollectorMetrics
 from collector.normalize import DomainRules, NormalizedBatch, normalize_batch
 from collector.publisher import Outcome, Publisher
 from socks5_analytics.logs import get_logger
@@ -71,6 +72,32 @@ class _Pending:
     sequence: int
     batch: NormalizedBatch
     done: asyncio.Future[Outcome]
+    span: Any = None  # the batch's span, ended once the batch is answered
+
+
+_MAX_LINKS = 128
+
+
+def batch_span(tracer: Any, batch: ingest.Batch, node_id: str) -> Any:
+    """The batch's span: a child of the node's export span (its traceparent), linked to the
+    connections it carries, so one trace leads from a connection to its database write."""
+    from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = None
+    if batch.traceparent:
+        parent = TraceContextTextMapPropagator().extract({"traceparent": batch.traceparent})
+    links = [
+        Link(SpanContext(int.from_bytes(e.trace_id, "big"), int.from_bytes(e.span_id, "big"),
+                         is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        for e in batch.events[:_MAX_LINKS]
+        if len(e.trace_id) == 16 and len(e.span_id) == 8 and any(e.trace_id) and any(e.span_id)
+    ]
+    return tracer.start_span(
+        "collector.batch", context=parent, kind=SpanKind.CONSUMER, links=links,
+        attributes={"messaging.batch.message_count": len(batch.events) + len(batch.interims),
+                    "socks5.node_id": node_id, "socks5.batch.sequence": batch.sequence},
+    )
 
 
 def _decode(raw: bytes) -> ingest.IngestRequest:
@@ -195,13 +222,25 @@ class _Stream:
                 normalized = normalize_batch(batch.events, batch.interims,
                                              node_id=self.node.node_id,
                                              now=servicer.clock(), rules=servicer.rules)
+                metrics = servicer.metrics
+                if metrics is not None:
+                    metrics.events_received.inc(items)
+                    if normalized.invalid:
+                        metrics.rejected([item.reason for item in normalized.invalid])
+                span = None
+                if servicer.tracer is not None:
+                    span = batch_span(servicer.tracer, batch, self.node.node_id)
                 try:
-                    done = await servicer.publisher.submit(normalized.events,
-                                                           normalized.interims)
+                    done = await servicer.publisher.submit(
+                        normalized.events, normalized.interims,
+                        span_context=span.get_span_context() if span is not None else None,
+                    )
                 except PublisherClosedError as exc:
+                    if span is not None:
+                        span.end()
                     raise StreamError(grpc.StatusCode.UNAVAILABLE,
                                       "the collector is stopping") from exc
-                self.pending.put_nowait(_Pending(batch.sequence, normalized, done))
+                self.pending.put_nowait(_Pending(batch.sequence, normalized, done, span))
                 expected += 1
                 continue
             self.slots.release()
@@ -221,9 +260,15 @@ class _Stream:
             pending = await self.pending.get()
             if pending is None:
                 return
+            metrics = self.servicer.metrics
             try:
                 outcome = await pending.done
             except UnstorableBatchError as exc:
+                if metrics is not None:
+                    metrics.batches.labels("failed").inc()
+                if pending.span is not None:
+                    pending.span.record_exception(exc)
+                    pending.span.end()
                 raise StreamError(grpc.StatusCode.INTERNAL,
                                   f"batch {pending.sequence} could not be stored; resend it "
                                   f"later: {exc}") from exc
@@ -231,6 +276,13 @@ class _Stream:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE,
                                   "the collector is stopping") from exc
             await self.context.write(_response(pending.sequence, pending.batch, outcome))
+            rejected = bool(pending.batch.invalid or outcome.rejected)
+            if metrics is not None:
+                metrics.batches.labels("rejection" if rejected else "ack").inc()
+            if pending.span is not None:
+                pending.span.set_attribute("socks5.batch.inserted", outcome.inserted)
+                pending.span.set_attribute("socks5.batch.duplicates", outcome.duplicates)
+                pending.span.end()
             self.slots.release()
 
     async def run(self) -> None:
@@ -270,8 +322,12 @@ class IngestServicer:
         rules: DomainRules,
         limits: StreamLimits = StreamLimits(),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: CollectorMetrics | None = None,
+        tracer: Any = None,
     ) -> None:
         self.publisher = publisher
+        self.metrics = metrics
+        self.tracer = tracer  # None: tracing off
         self.rules = rules
         self.limits = limits
         self.clock = clock

@@ -37,6 +37,7 @@ def configure_logging(settings: LogSettings, *, component: str, node: str) -> No
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
         structlog.processors.add_log_level,
         add_context,
@@ -63,6 +64,19 @@ def configure_logging(settings: LogSettings, *, component: str, node: str) -> No
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def _trace_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Inside a span, the line carries its trace_id and span_id (no cost until the
+    OpenTelemetry API has been imported, i.e. unless tracing is on)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return event
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", f"{context.trace_id:032x}")
+        event.setdefault("span_id", f"{context.span_id:016x}")
+    return event
 
 
 def get_logger(name: str) -> Any:

@@ -7,7 +7,7 @@ multiprocess mode, so one scrape of the node sees every worker.
 OpenTelemetry: `setup_tracing` installs an OTLP/gRPC exporter when an endpoint is configured
 (`telemetry.otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`); otherwise it
 returns None and the components skip every tracing call, so tracing off costs a branch.
-Log lines inside a span carry its `trace_id` and `span_id`.
+Log lines inside a span carry its `trace_id` and `span_id` (socks5_analytics.logs).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from socks5_analytics import __version__
 from socks5_analytics.config import TelemetrySettings
 
 __all__ = [
-    "add_trace_ids",
     "multiprocess_dir",
     "serve_metrics",
     "setup_tracing",
@@ -94,14 +93,3 @@ def span_context_ids(span: Any) -> tuple[str, str] | None:
     if not context.is_valid or not context.trace_flags.sampled:
         return None
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
-
-
-def add_trace_ids(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: the current span's ids on every line logged inside it."""
-    from opentelemetry import trace
-
-    ids = span_context_ids(trace.get_current_span())
-    if ids is not None:
-        event.setdefault("trace_id", ids[0])
-        event.setdefault("span_id", ids[1])
-    return event

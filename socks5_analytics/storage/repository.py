@@ -347,6 +347,11 @@ class Repository:
             async with self._pool.acquire() as connection:
                 yield connection
 
+    def pool_usage(self) -> tuple[int, int]:
+        """Connections of the pool (in use, idle), for the metrics."""
+        size, idle = self._pool.get_size(), self._pool.get_idle_size()
+        return size - idle, idle
+
     async def ping(self) -> None:
         """Raise unless the database answers and has the schema (readiness)."""
         async with self._connection() as connection:
