@@ -15,7 +15,7 @@ from typing import Any
 from socks5_analytics import __version__
 from socks5_analytics.config import ConfigError, Settings, load_settings
 
-__all__ = ["main"]
+__all__ = ["main", "parse_command"]
 
 EXIT_CONFIG = 2
 
@@ -215,6 +215,17 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="watch the resources in every namespace")
     operator.set_defaults(handler=_run_operator, overrides=_operator_overrides)
     return parser
+
+
+def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
+    """Parse a command line and load its configuration without running it.
+
+    Raises SystemExit (argparse) for a bad command line and ConfigError for a bad
+    configuration; tests/deploy feeds the container commands through it.
+    """
+    args = _build_parser().parse_args(argv)
+    overrides: Callable[[argparse.Namespace], dict[str, Any]] = args.overrides
+    return args, load_settings(args.config, **overrides(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
