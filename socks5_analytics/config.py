@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -431,6 +432,16 @@ def _describe(error: Any) -> str:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from every source; raise `ConfigError` naming each bad key."""
+    unknown = sorted(
+        name for name in os.environ
+        if name.upper().startswith("S5A_")
+        and name[4:].split("__", 1)[0].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration: {', '.join(unknown)}: unknown environment variable "
+            f"(sections: {', '.join(Settings.model_fields)})"
+        )
     token = _config_file.set(config_file)
     try:
         return Settings(**overrides)

@@ -36,7 +36,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[tuple[str, Any]] = []
 
-    async def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+    async def Export(self, request: Any, context: Any) -> Any:
         for resource_spans in request.resource_spans:
             service = next(a.value.string_value for a in resource_spans.resource.attributes
                            if a.key == "service.name")

@@ -468,3 +468,9 @@ def test_parse_address_rejects(text: str) -> None:
 def test_format_address(host: str, port: int, expected: str) -> None:
     assert format_address(host, port) == expected
     assert parse_address(expected) == (host, port)
+
+
+def test_unknown_environment_section_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S5A_PROXYY__LISTEN", "0.0.0.0:1080")
+    with pytest.raises(ConfigError, match="S5A_PROXYY__LISTEN: unknown environment variable"):
+        load_settings(None)
