@@ -20,7 +20,9 @@ def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def build_registry(reconciler: Reconciler, *, login: Login = default_login) -> kopf.OperatorRegistry:
+def build_registry(
+    reconciler: Reconciler, *, login: Login = default_login
+) -> kopf.OperatorRegistry:
     """A registry with the operator's handlers bound to `reconciler` (no global state)."""
     registry = kopf.OperatorRegistry()
 

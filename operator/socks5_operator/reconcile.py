@@ -21,7 +21,7 @@ import binascii
 import collections
 import datetime
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,8 +152,8 @@ class Reconciler:
         self._history: collections.OrderedDict[str, frozenset[tuple[Ref, int]]] = (
             collections.OrderedDict())
         self._node_counts: dict[Ref, tuple[int, int]] = {}
-        self.renders = 0  # completed reconciliations, for tests and logs
-        self.changed = asyncio.Condition()
+        self.renders = 0  # completed reconciliations
+        self._listeners: list[Callable[[], None]] = []
 
     # -- what kopf tells us -------------------------------------------------------------
 
@@ -253,6 +253,7 @@ class Reconciler:
                     await self._publish_statuses()
                 except KubeError as exc:
                     log.warning("status update failed", error=str(exc))
+                self._notify()
 
     def count_nodes(self, nodes: list[Mapping[str, Any]],
                     now: datetime.datetime | None = None) -> dict[Ref, tuple[int, int]]:
@@ -306,7 +307,7 @@ class Reconciler:
                     whitelists.append(parse_whitelist(body))
             except SpecError as exc:
                 (invalid_users if ref.kind == "ProxyUser" else whitelists).append(
-                    (ref, generation, exc))  # type: ignore[arg-type]
+                    (ref, generation, exc))
         self._passwords.keep_only({spec.username for spec, _ in users})
 
         rendered = render_policy(users=users, whitelists=whitelists,
@@ -330,8 +331,7 @@ class Reconciler:
             self._history.popitem(last=False)
         await self._publish_statuses()
         self.renders += 1
-        async with self.changed:
-            self.changed.notify_all()
+        self._notify()
         return rendered
 
     async def _credential(self, spec: UserSpec, previous: Mapping[str, str]) -> str | SpecError:
@@ -384,19 +384,16 @@ class Reconciler:
         # MODIFIED event brings it back.
         self._bodies[ref] = {**body, "status": {**current, **desired}}
 
-    # -- for tests ------------------------------------------------------------------------
+    # -- observers ------------------------------------------------------------------------
 
-    async def wait_for(self, predicate: Callable[[], bool] | Callable[[], Awaitable[bool]],
-                       timeout: float = 10.0) -> None:
-        """Wait until `predicate()` holds after a reconciliation (tests use it)."""
-        async def check() -> bool:
-            result = predicate()
-            return bool(await result) if asyncio.iscoroutine(result) else bool(result)
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every reconciliation and rollout count (tests wait on it;
+        it runs on the operator's loop, so a listener on another loop must hop threads)."""
+        self._listeners.append(callback)
 
-        async with asyncio.timeout(timeout):
-            async with self.changed:
-                while not await check():
-                    await self.changed.wait()
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
 
     @property
     def rendered(self) -> Rendered | None:

@@ -140,7 +140,7 @@ def _integer(spec: Mapping[str, Any], key: str) -> int:
     value = spec.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SpecError("InvalidSpec", f"spec.{key} must be a whole number >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
 def parse_user(body: Mapping[str, Any]) -> UserSpec:

@@ -1,0 +1,271 @@
+"""The operator under kopf against kmock: resources and Secrets in; policy Secret, statuses out."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from conftest import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
+
+from proxy_node.policy import parse_policy
+from socks5_analytics.passwords import verify_password
+
+
+def _users(text: str | None) -> dict[str, Any]:
+    return {u.username: u for u in parse_policy(text or "").users}
+
+
+async def test_users_and_whitelists_become_the_policy(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(secret("alice-pw", password="wonderland"))
+    await kube.create(user("alice", "alice", "alice-pw", maxConnections=5,
+                           connectionsPerSecond=2.5))
+    await kube.create(whitelist("office", "203.0.113.0/24", "2001:db8::/32"))
+    await kube.create(whitelist("vpn", "198.51.100.7/32"))
+
+    async def applied() -> bool:
+        return (await kube.ready("ProxyUser", "alice") == ("True", "Applied")
+                and await kube.ready("IPWhitelist", "vpn") == ("True", "Applied"))
+
+    await operator.until(applied)
+    text = await kube.policy_text()
+    policy = parse_policy(text or "")
+    [alice] = policy.users
+    assert (alice.username, alice.max_connections, alice.connections_per_second,
+            alice.disabled) == ("alice", 5, 2.5, False)
+    assert verify_password(b"wonderland", alice.password_hash)
+    assert "wonderland" not in (text or "")
+    assert policy.whitelist == ["198.51.100.7/32", "203.0.113.0/24", "2001:db8::/32"]
+
+    stored = await kube.get("Secret", SECRET)
+    assert stored is not None
+    assert stored["metadata"]["annotations"]["socks5.analytics.io/policy-version"] == \
+        policy.version
+    status = (await kube.get("ProxyUser", "alice") or {})["status"]
+    assert status["policyVersion"] == policy.version
+    assert status["observedGeneration"] == 1
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert invalid["status"] == "False"
+
+
+async def test_same_inputs_same_secret_and_no_write(
+        run_operator: OperatorFactory, kube: Kube, cluster: Any) -> None:
+    await kube.create(secret("pw", password="s3cret", other="x"))
+    await kube.create(user("bob", "bob", "pw"))
+    await kube.create(whitelist("lan", "192.0.2.0/24"))
+    async with run_operator() as operator:
+        async def applied() -> bool:
+            return await kube.ready("ProxyUser", "bob") == ("True", "Applied")
+
+        await operator.until(applied)
+        first = await kube.get("Secret", SECRET)
+        writes = _secret_writes(cluster)
+        await operator.reconcile_now()  # nothing changed: nothing written
+        assert _secret_writes(cluster) == writes
+        # A change to another key of the password's Secret re-renders to the same bytes.
+        await kube.patch("Secret", "pw", {"data": {"other": base64.b64encode(b"y").decode()}})
+        renders = operator.reconciler.renders
+
+        async def rendered() -> bool:
+            return operator.reconciler.renders > renders
+
+        await operator.until(rendered)
+        assert _secret_writes(cluster) == writes
+    # A restarted operator keeps the hash (the password still verifies): byte for byte.
+    async with run_operator() as operator:
+        async def reconciled() -> bool:
+            return operator.reconciler.renders > 0
+
+        await operator.until(reconciled)
+        assert await kube.get("Secret", SECRET) == first
+        assert _secret_writes(cluster) == writes
+
+
+def _secret_writes(cluster: Any) -> int:
+    """Requests that wrote the policy Secret."""
+    return sum(1 for request in cluster
+               if str(request.method).upper().endswith(("POST", "PATCH", "PUT"))
+               and "/secrets" in str(request.url)
+               and (str(request.url).endswith(f"/{SECRET}")
+                    or ((request.data or {}).get("metadata") or {}).get("name") == SECRET))
+
+
+async def test_password_change_rehashes(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(secret("carol-pw", password="first"))
+    await kube.create(user("carol", "carol", "carol-pw"))
+
+    async def hashed(password: bytes) -> bool:
+        users = _users(await kube.policy_text())
+        return "carol" in users and verify_password(password, users["carol"].password_hash)
+
+    await operator.until(lambda: hashed(b"first"))
+    before = await kube.policy_text()
+    await kube.patch("Secret", "carol-pw",
+                     {"data": {"password": base64.b64encode(b"second").decode()}})
+    await operator.until(lambda: hashed(b"second"))
+    assert not verify_password(b"first", _users(await kube.policy_text())["carol"].password_hash)
+    assert parse_policy(before or "").version != parse_policy(
+        await kube.policy_text() or "").version
+
+
+async def test_invalid_objects_are_reported_and_others_keep_working(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(secret("pw", password="pw-a", b="pw-b"))
+    await kube.create(user("alice", "alice", "pw"))
+    await kube.create(user("ghost", "ghost", "missing-secret"))
+    await kube.create(user("nokey", "nokey", "pw", key="absent"))
+    await kube.create(user("zalice", "alice", "pw", key="b"))  # created later: the duplicate
+    await kube.create(whitelist("good", "10.0.0.0/8"))
+    # The CRD schema stops most bad CIDRs; host bits set get through it, not the operator.
+    await kube.create(whitelist("bad", "192.0.2.1/24"))
+
+    expected = {
+        ("ProxyUser", "alice"): ("True", "Applied"),
+        ("ProxyUser", "ghost"): ("False", "SecretNotFound"),
+        ("ProxyUser", "nokey"): ("False", "SecretKeyNotFound"),
+        ("ProxyUser", "zalice"): ("False", "DuplicateUsername"),
+        ("IPWhitelist", "good"): ("True", "Applied"),
+        ("IPWhitelist", "bad"): ("False", "InvalidCIDR"),
+    }
+
+    async def reported() -> bool:
+        return all([await kube.ready(*key) == value for key, value in expected.items()])
+
+    await operator.until(reported)
+    policy = parse_policy(await kube.policy_text() or "")
+    assert [u.username for u in policy.users] == ["alice"]
+    assert verify_password(b"pw-a", policy.users[0].password_hash)
+    assert policy.whitelist == ["10.0.0.0/8"]
+    ghost = (await kube.get("ProxyUser", "ghost") or {})["status"]
+    assert "missing-secret" in ghost["conditions"][0]["message"]
+    assert "policyVersion" not in ghost or ghost["policyVersion"] is None
+
+    # The missing Secret appears: ghost becomes Ready without touching the ProxyUser.
+    await kube.create(secret("missing-secret", password="boo"))
+
+    async def ghost_ready() -> bool:
+        return await kube.ready("ProxyUser", "ghost") == ("True", "Applied")
+
+    await operator.until(ghost_ready)
+    assert set(_users(await kube.policy_text())) == {"alice", "ghost"}
+    # The bad whitelist is fixed: both networks apply.
+    await kube.patch("IPWhitelist", "bad", {"spec": {"cidrs": ["192.0.2.0/24"]}})
+
+    async def fixed() -> bool:
+        return await kube.ready("IPWhitelist", "bad") == ("True", "Applied")
+
+    await operator.until(fixed)
+    assert parse_policy(await kube.policy_text() or "").whitelist == [
+        "10.0.0.0/8", "192.0.2.0/24"]
+
+
+async def test_deleted_objects_leave_the_policy(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(secret("pw", password="x"))
+    await kube.create(user("dave", "dave", "pw"))
+    await kube.create(user("erin", "erin", "pw"))
+    await kube.create(whitelist("lan", "192.0.2.0/24"))
+
+    async def both() -> bool:
+        return set(_users(await kube.policy_text())) == {"dave", "erin"}
+
+    await operator.until(both)
+    await kube.delete("ProxyUser", "dave")
+    await kube.delete("IPWhitelist", "lan")
+
+    async def gone() -> bool:
+        policy = parse_policy(await kube.policy_text() or "")
+        return [u.username for u in policy.users] == ["erin"] and policy.whitelist == []
+
+    await operator.until(gone)
+    # Deleting the password's Secret makes erin Invalid; with no valid user left the policy
+    # still requires authentication (a disabled placeholder), it never opens the proxy.
+    await kube.delete("Secret", "pw")
+
+    async def closed() -> bool:
+        return await kube.ready("ProxyUser", "erin") == ("False", "SecretNotFound")
+
+    await operator.until(closed)
+    policy = parse_policy(await kube.policy_text() or "")
+    assert policy.requires_auth
+    assert all(u.disabled for u in policy.users)
+
+
+async def test_only_invalid_whitelists_allow_nobody(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(whitelist("typo", "10.0.0.1/8"))
+
+    async def reported() -> bool:
+        return await kube.ready("IPWhitelist", "typo") == ("False", "InvalidCIDR")
+
+    await operator.until(reported)
+    assert parse_policy(await kube.policy_text() or "").whitelist == ["0.0.0.0/32", "::/128"]
+
+
+async def test_base_policy_and_empty_start(run_operator: OperatorFactory, kube: Kube) -> None:
+    base = {"destinations": {"block_private": False, "rules": [
+        {"action": "deny", "domains": [".internal.example"], "ports": ["1-65535"]}]},
+        "limits": {"max_connections": 500}}
+    async with run_operator(base=base) as operator:
+        async def written() -> bool:
+            return await kube.policy_text() is not None
+
+        await operator.until(written)
+    policy = parse_policy(await kube.policy_text() or "")
+    assert not policy.requires_auth and policy.whitelist == []
+    assert policy.destinations.block_private is False
+    assert policy.destinations.rules[0].domains == [".internal.example"]
+    assert policy.limits.max_connections == 500
+
+
+class FakeNodes:
+    """The API's /nodes, as the test says."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Mapping[str, Any]] = []
+
+    async def fetch(self) -> list[Mapping[str, Any]]:
+        return list(self.nodes)
+
+
+async def test_status_counts_nodes_running_the_policy(
+        run_operator: OperatorFactory, kube: Kube) -> None:
+    nodes = FakeNodes()
+    now = "2999-01-01T00:00:00+00:00"  # always live
+    async with run_operator(nodes=nodes, rollout_interval=0.01) as operator:
+        await kube.create(secret("pw", password="x"))
+        await kube.create(user("frank", "frank", "pw"))
+
+        async def applied() -> bool:
+            return await kube.ready("ProxyUser", "frank") == ("True", "Applied")
+
+        await operator.until(applied)
+        version = parse_policy(await kube.policy_text() or "").version
+        nodes.nodes = [
+            {"node_id": "a", "last_seen": now, "policy_version": version},
+            {"node_id": "b", "last_seen": now, "policy_version": version},
+            {"node_id": "c", "last_seen": now, "policy_version": "0000000000000000"},
+            {"node_id": "gone", "last_seen": "2000-01-01T00:00:00+00:00",
+             "policy_version": version},
+        ]
+
+        async def counted() -> bool:
+            status = (await kube.get("ProxyUser", "frank") or {}).get("status") or {}
+            return status.get("nodes") == "2/3"
+
+        await operator.until(counted)
+
+
+async def test_namespace_is_the_operators(operator: Operator) -> None:
+    await operator.kube.create({**whitelist("elsewhere", "10.0.0.0/8"),
+                                "metadata": {"name": "elsewhere", "namespace": "other"}})
+    await operator.kube.create(whitelist("here", "192.0.2.0/24"))
+
+    async def here() -> bool:
+        return await operator.kube.ready("IPWhitelist", "here") == ("True", "Applied")
+
+    await operator.until(here)
+    assert parse_policy(await operator.kube.policy_text() or "").whitelist == ["192.0.2.0/24"]
+    assert NS == "proxies"
