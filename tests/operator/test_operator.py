@@ -64,18 +64,18 @@ async def test_same_inputs_same_secret_and_no_write(
         await operator.reconcile_now()  # nothing changed: nothing written
         assert _secret_writes(cluster) == writes
         # A change to another key of the password's Secret re-renders to the same bytes.
-        await kube.patch("Secret", "pw", {"data": {"other": base64.b64encode(b"y").decode()}})
         renders = operator.reconciler.renders
+        await kube.patch("Secret", "pw", {"data": {"other": base64.b64encode(b"y").decode()}})
 
         async def rendered() -> bool:
-            return operator.reconciler.renders > renders
+            return bool(operator.reconciler.renders > renders)
 
         await operator.until(rendered)
         assert _secret_writes(cluster) == writes
     # A restarted operator keeps the hash (the password still verifies): byte for byte.
     async with run_operator() as operator:
         async def reconciled() -> bool:
-            return operator.reconciler.renders > 0
+            return bool(operator.reconciler.renders > 0)
 
         await operator.until(reconciled)
         assert await kube.get("Secret", SECRET) == first

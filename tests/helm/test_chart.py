@@ -1,0 +1,226 @@
+"""The chart rendered with realistic value sets; every manifest valid Kubernetes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import CHART
+
+from socks5_analytics.config import load_settings
+
+# The oldest Kubernetes the chart supports and the newest kubernetes-validate ships.
+KUBERNETES = ["1.29", kubernetes_validate.latest_version()]
+NAMESPACE = "proxies"
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "external-database": {
+        "postgresql": {"enabled": False},
+        "database": {"external": {"secretName": "analytics-db", "secretKey": "dsn"}},
+        "migrations": {"backoffLimit": 3},
+    },
+    "no-tracing-no-hpa": {
+        "tracing": {"enabled": False},
+        "proxy": {"autoscaling": {"enabled": False}, "replicas": 5,
+                  "podDisruptionBudget": {"enabled": False}},
+    },
+    "production": {
+        "postgresql": {"enabled": False},
+        "database": {"external": {"secretName": "analytics-db"}},
+        "tracing": {"enabled": True, "endpoint": "tempo.observability:4317",
+                    "sampleRatio": 0.05},
+        "api": {"ingress": {"enabled": True, "className": "nginx",
+                            "host": "proxy-stats.example.com", "tlsSecret": "stats-tls"},
+                "tokenSecret": "api-token", "replicas": 2},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+        "networkPolicy": {"enabled": True},
+        "operator": {"clusterWide": True},
+        "proxy": {"service": {"type": "LoadBalancer",
+                              "loadBalancerSourceRanges": ["203.0.113.0/24"]},
+                  "workers": 4, "autoscaling": {"maxReplicas": 40},
+                  "topologySpread": "DoNotSchedule"},
+        "policy": {"destinations": {"block_private": True, "rules": [
+            {"action": "deny", "domains": [".internal.example"], "ports": ["1-65535"]}]},
+            "limits": {"max_connections": 20000}},
+        "config": {"proxy": {"idle_timeout": 600}},
+    },
+    "cluster-ip-bundled-db-with-monitoring": {
+        "proxy": {"service": {"type": "ClusterIP"}},
+        "serviceMonitor": {"enabled": True},
+        "networkPolicy": {"enabled": True},
+        "tracing": {"enabled": True, "endpoint": "otel-gateway:4317"},
+        "postgresql": {"auth": {"password": "fixed-password"},
+                       "persistence": {"size": "20Gi", "storageClass": "fast"}},
+    },
+}
+
+
+def _render(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
+    chart.validate_schema(values)
+    return chart.render(copy.deepcopy(values), name="demo", namespace=NAMESPACE,
+                        is_install=True)
+
+
+def _documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest, chart: helm.Chart) -> tuple[str, dict[str, str]]:
+    return request.param, _render(chart, VALUE_SETS[request.param])
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+def test_every_manifest_is_valid_kubernetes(rendered: tuple[str, dict[str, str]],
+                                             version: str) -> None:
+    _, manifests = rendered
+    docs = _documents(manifests)
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"]
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_lint_is_clean() -> None:
+    for values in VALUE_SETS.values():
+        report = helm.lint(CHART, copy.deepcopy(values), strict=True, namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems and not report["errors"], report
+
+
+def _by_kind(manifests: dict[str, str], kind: str, suffix: str = "") -> dict[str, Any]:
+    [doc] = [d for d in _documents(manifests)
+             if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    return doc
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(doc["spec"]["template"]["spec"]["containers"])
+
+
+def test_pods_are_locked_down(rendered: tuple[str, dict[str, str]]) -> None:
+    _, manifests = rendered
+    for doc in _documents(manifests):
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert container["resources"]["requests"], container["name"]
+
+
+def test_proxy_mounts_the_policy_directory_and_rolls_on_config(
+        rendered: tuple[str, dict[str, str]]) -> None:
+    name, manifests = rendered
+    proxy = _by_kind(manifests, "Deployment", "-proxy")
+    pod = proxy["spec"]["template"]
+    assert pod["metadata"]["annotations"]["checksum/config"]
+    [container] = [c for c in _containers(proxy) if c["name"] == "proxy"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "policy")
+    assert "subPath" not in mount  # a subPath mount never sees the Secret's updates
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["S5A_PROXY__POLICY_FILE"] == mount["mountPath"] + "/policy.yaml"
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "policy")
+    operator = _by_kind(manifests, "Deployment", "-operator")
+    op_env = {e["name"]: e.get("value") for e in _containers(operator)[0]["env"]}
+    assert volume["secret"]["secretName"] == op_env["S5A_OPERATOR__POLICY_SECRET"]
+    assert container["readinessProbe"]["tcpSocket"]["port"] == "socks"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > int(env["S5A_PROXY__SHUTDOWN_GRACE"])
+    service = _by_kind(manifests, "Service", "-proxy")
+    if service["spec"]["type"] != "ClusterIP":
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+    tracing = VALUE_SETS[name].get("tracing", {}).get("enabled", False)
+    assert ("otel-collector" in {c["name"] for c in _containers(proxy)}) is tracing
+    assert ("S5A_TELEMETRY__OTLP_ENDPOINT" in env) is tracing
+
+
+def test_container_settings_load(rendered: tuple[str, dict[str, str]],
+                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The env and config file the chart gives each component are valid settings."""
+    _, manifests = rendered
+    config = yaml.safe_load(_by_kind(manifests, "ConfigMap", "-config")["data"]["config.yaml"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config or {}))
+    monkeypatch.chdir(tmp_path)
+    for doc in _documents(manifests):
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            if not container.get("args"):
+                continue
+            with monkeypatch.context() as env:
+                for item in container.get("env", []):
+                    env.setenv(item["name"], item.get("value") or "from-a-secret-0123456789")
+                if "S5A_DATABASE__URL" in {e["name"] for e in container.get("env", [])}:
+                    env.setenv("S5A_DATABASE__URL", "postgresql://u:p@db:5432/d")
+                load_settings(path)
+
+
+def test_migrations_run_as_a_hook(rendered: tuple[str, dict[str, str]]) -> None:
+    _, manifests = rendered
+    job = _by_kind(manifests, "Job")
+    assert "pre-upgrade" in job["metadata"]["annotations"]["helm.sh/hook"]
+    assert _containers(job)[0]["args"][0] == "migrate"
+
+
+def test_operator_rbac_is_least_privilege(rendered: tuple[str, dict[str, str]]) -> None:
+    name, manifests = rendered
+    docs = _documents(manifests)
+    cluster = VALUE_SETS[name].get("operator", {}).get("clusterWide", False)
+    kinds = {d["kind"] for d in docs}
+    assert ("ClusterRole" in kinds) is cluster
+    for doc in docs:
+        if doc["kind"] in ("Role", "ClusterRole"):
+            for rule in doc["rules"]:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+                assert "delete" not in rule["verbs"]
+                if "secrets" in rule["resources"] and {"update", "patch"} & set(rule["verbs"]):
+                    assert rule["resourceNames"] == ["demo-socks5-analytics-policy"]
+
+
+def test_crds_ship_with_the_chart(chart: helm.Chart) -> None:
+    names = {c["name"] for c in chart.crds}
+    assert {"crds/proxyusers.socks5.analytics.io.yaml",
+            "crds/ipwhitelists.socks5.analytics.io.yaml"} <= names
+
+
+def test_notes_tell_what_to_run_next(rendered: tuple[str, dict[str, str]]) -> None:
+    _, manifests = rendered
+    notes = next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+    assert "kind: ProxyUser" in notes and "rollout status" in notes and "--socks5" in notes
+
+
+@pytest.mark.parametrize("values", [
+    {"proxy": {"replicas": 0}},
+    {"proxy": {"service": {"type": "ExternalName"}}},
+    {"proxy": {"unknown": True}},
+    {"unknownTopLevel": 1},
+    {"logLevel": "verbose"},
+    {"postgresql": {"enabled": False}},  # and no external database
+    {"tracing": {"enabled": True}},  # and no endpoint
+    {"api": {"ingress": {"enabled": True, "host": "Not A Host"}}},
+    {"proxy": {"resources": {"requests": {"cpu": "lots"}}}},
+    {"config": {"proxxy": {}}},
+])
+def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema(values)
+    with pytest.raises(helm.HelmError):
+        chart.render(values, name="demo", namespace=NAMESPACE, is_install=True)
