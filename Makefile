@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests drive as real clients and peers (curl; chromium and its driver for
-# the dashboard test), as command:package pairs. Only as root, only if missing.
+# the dashboard test; prometheus and promtool for tests/observability), as command:package
+# pairs. Only as root, only if missing.
 system-deps:
-	@missing=""; for pair in curl:curl chromium:chromium chromedriver:chromium-driver; do \
+	@missing=""; for pair in curl:curl chromium:chromium chromedriver:chromium-driver \
+	  prometheus:prometheus promtool:prometheus; do \
 	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
