@@ -8,7 +8,7 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "socks5-analytics"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "socks5-analytics"  # as in test_chart
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART
 
 from socks5_analytics.config import load_settings
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "socks5-analytics"
 
 # The oldest Kubernetes the chart supports and the newest kubernetes-validate ships.
 KUBERNETES = ["1.29", kubernetes_validate.latest_version()]

@@ -6,7 +6,7 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
-from conftest import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
+from operator_harness import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
 
 from proxy_node.policy import parse_policy
 from socks5_analytics.passwords import verify_password
