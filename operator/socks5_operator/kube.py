@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import ssl
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,6 +52,18 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
         context = ssl.create_default_context(cafile=cafile, cadata=cadata)
     if info.certificate_path and info.private_key_path:
         context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
+    elif info.certificate_data and info.private_key_data:
+        # A kubeconfig with embedded client certificates (kind, minikube): ssl wants files.
+        with tempfile.TemporaryDirectory() as folder:
+            paths = []
+            for name, data in (("cert", info.certificate_data), ("key", info.private_key_data)):
+                raw = data if isinstance(data, bytes) else data.encode()
+                if b"-----BEGIN" not in raw:
+                    raw = base64.b64decode(raw)
+                path = Path(folder) / name
+                path.write_bytes(raw)
+                paths.append(str(path))
+            context.load_cert_chain(paths[0], paths[1])
     return context
 
 
