@@ -37,7 +37,7 @@ class FakeCollector(ingest_pb2_grpc.IngestServiceServicer):
         self.hold.set()  # set = answer; clear = withhold answers
         self.break_after: int | None = None  # abort the stream after this many batches
 
-    async def Stream(  # noqa: N802 - the gRPC method name
+    async def Stream(
         self, request_iterator: AsyncIterator[ingest_pb2.IngestRequest], context: Any
     ) -> AsyncIterator[ingest_pb2.IngestResponse]:
         async for request in request_iterator:
