@@ -93,12 +93,47 @@ def _configure(app: App, settings: Settings) -> None:
     })
 
 
+def _start_request_span(tracer: Any, request: Request) -> None:
+    """A server span per request (HTTP semantic conventions), current while it is handled."""
+    from opentelemetry import context, trace
+    from opentelemetry.trace import SpanKind
+
+    route = request.route.path if request.route is not None else None
+    name = f"{request.method} /{route}" if route is not None else request.method
+    span = tracer.start_span(name, kind=SpanKind.SERVER, attributes={
+        "http.request.method": request.method, "url.path": request.path,
+        **({"http.route": f"/{route}"} if route is not None else {}),
+    })
+    request.ctx.span = span
+    request.ctx.span_token = context.attach(trace.set_span_in_context(span))
+
+
+def _end_request_span(request: Request, status: int) -> None:
+    from opentelemetry import context
+    from opentelemetry.trace import Status, StatusCode
+
+    span = getattr(request.ctx, "span", None)
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+    token = getattr(request.ctx, "span_token", None)
+    if token is not None:
+        try:
+            context.detach(token)
+        except ValueError:
+            pass  # detached in another context: the span is ended all the same
+
+
 def create_app(
     settings: Settings,
     *,
     repository: Repository | None = None,
     clock: Callable[[], datetime] = _utc_now,
     name: str | None = None,
+    tracer: Any = None,
 ) -> App:
     """The API app. With `repository`, the caller owns it (tests, `up`); without, the app
     opens one from `settings.database` before serving and closes it after."""
@@ -126,6 +161,8 @@ def create_app(
 
     async def start_clock(request: Request) -> None:
         request.ctx.started = time.perf_counter()
+        if tracer is not None:
+            _start_request_span(tracer, request)
 
     async def authenticate(request: Request) -> None:
         if expected is None or request.method == "OPTIONS":
@@ -148,6 +185,8 @@ def create_app(
             app.ctx.metrics.observe(route=route, method=request.method,
                                     status=response.status,
                                     seconds=time.perf_counter() - started)
+        if tracer is not None:
+            _end_request_span(request, response.status)
 
     async def docs_pages_are_public(app: App) -> None:
         # The docs pages carry no data; they fetch the document with the user's token.

@@ -18,11 +18,12 @@ from datetime import datetime
 from typing import Any
 
 from api.app import create_app
-from socks5_analytics import runtime
+from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.storage import Repository
 from socks5_analytics.storage.errors import StorageError
+from socks5_analytics.telemetry import setup_tracing
 
 __all__ = ["run", "serve"]
 
@@ -45,13 +46,14 @@ async def serve(
     repository: Repository | None = None,
     clock: Callable[[], datetime] | None = None,
     ready: Callable[[str, int], Any] | None = None,
+    tracer: Any = None,
 ) -> None:
     """Serve the API on `settings.api.listen` until `stop` is set.
 
     `ready(host, port)` is called once the port is bound and the repository is open (with
     port 0 in the settings, that is the port the system chose).
     """
-    options: dict[str, Any] = {"repository": repository}
+    options: dict[str, Any] = {"repository": repository, "tracer": tracer}
     if clock is not None:
         options["clock"] = clock
     app = create_app(settings, **options)
@@ -94,14 +96,19 @@ async def _main(settings: Settings) -> int:
         log.info("api listening", address=address, dashboard=f"http://{address}/dashboard",
                  auth="token" if settings.api.token is not None else "none")
 
+    provider = setup_tracing(settings.telemetry, service="api", node=settings.node_id)
+    tracer = provider.get_tracer("api", __version__) if provider is not None else None
     try:
-        await serve(settings, stop=stop, ready=announce)
+        await serve(settings, stop=stop, ready=announce, tracer=tracer)
     except StorageError as exc:
         log.error("cannot open the database", error=str(exc))
         return 1
     except OSError as exc:
         log.error("cannot start the api", error=exc.strerror or str(exc))
         return 1
+    finally:
+        if provider is not None:
+            provider.shutdown()
     log.info("api stopped")
     return 0
 

@@ -33,9 +33,11 @@ def api_settings(database_url: str, **api: Any) -> Settings:
 class RunningApi:
     """`api.server.serve` in a thread; `url` once started. Use as a context manager."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None):
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None,
+                 tracer: Any = None):
         self.settings = settings
         self.clock = clock
+        self.tracer = tracer
         self.url = ""
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,7 +56,8 @@ class RunningApi:
                 self.url = f"http://{host}:{port}"
                 self._ready.set()
 
-            await serve(self.settings, stop=self._stop, clock=self.clock, ready=ready)
+            await serve(self.settings, stop=self._stop, clock=self.clock, ready=ready,
+                        tracer=self.tracer)
 
         try:
             asyncio.run(main())
