@@ -133,12 +133,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
         metrics_server = None
         try:
             server = build_server(settings, repository, metrics=metrics, tracer=tracer)
-            try:
-                metrics_server = serve_metrics(settings.collector.metrics_listen,
-                                               metrics.registry)
-            except OSError as exc:
-                log.error("cannot serve metrics", error=str(exc))
-                return 1
+            metrics_server = serve_metrics(settings.collector.metrics_listen,
+                                           metrics.registry, log=log)
             host, port = settings.collector.listen
             try:
                 bound = await server.start(host, port)

@@ -33,13 +33,26 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(_MULTIPROC_ENV) or None
 
 
-def serve_metrics(address: tuple[str, int] | None, registry: Any = None) -> Any:
+def serve_metrics(address: tuple[str, int] | None, registry: Any = None, *,
+                  log: Any = None) -> Any:
     """Serve /metrics on `address` (None: don't); returns the server (or None).
 
-    In multiprocess mode the served registry aggregates every worker's files.
+    In multiprocess mode the served registry aggregates every worker's files. A port that
+    cannot be bound is logged and skipped: the data path must not die for its metrics.
     """
     if address is None:
         return None
+    try:
+        return _start_metrics_server(address, registry)
+    except OSError as exc:
+        if log is None:
+            raise
+        log.error("cannot serve metrics; running without /metrics",
+                  metrics_listen=f"{address[0]}:{address[1]}", error=exc.strerror or str(exc))
+        return None
+
+
+def _start_metrics_server(address: tuple[str, int], registry: Any) -> Any:
     from prometheus_client import CollectorRegistry, start_http_server
 
     if multiprocess_dir() is not None:
