@@ -26,7 +26,7 @@ from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.storage import Repository, StorageError, TransientError
-from socks5_analytics.telemetry import serve_metrics, setup_tracing
+from socks5_analytics.telemetry import serve_metrics, setup_tracing, stop_metrics
 
 __all__ = ["build_server", "run", "serve"]
 
@@ -153,8 +153,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
             await repository.close()
             if provider is not None:
                 provider.shutdown()
-            if metrics_server is not None:
-                metrics_server.shutdown()
+            stop_metrics(metrics_server)
     return 0
 
 

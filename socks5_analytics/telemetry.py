@@ -23,6 +23,7 @@ __all__ = [
     "serve_metrics",
     "setup_tracing",
     "span_context_ids",
+    "stop_metrics",
 ]
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -50,6 +51,13 @@ def serve_metrics(address: tuple[str, int] | None, registry: Any = None, *,
         log.error("cannot serve metrics; running without /metrics",
                   metrics_listen=f"{address[0]}:{address[1]}", error=exc.strerror or str(exc))
         return None
+
+
+def stop_metrics(server: Any) -> None:
+    """Stop a server from `serve_metrics` and release its port (None: nothing to do)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def _start_metrics_server(address: tuple[str, int], registry: Any) -> Any:

@@ -97,3 +97,24 @@ async def test_active_connections_gauge(metered_proxy: ProxyProcess, tcp_server:
         await tunnel.close()
     await poll(lambda: _value(_scrape(proxy), "s5a_proxy_active_connections") == 0,
                what="no active connection")
+
+
+async def test_one_scrape_sees_every_worker(proxy_factory: Callable[..., ProxyProcess],
+                                            tcp_server: Any) -> None:
+    """With SO_REUSEPORT workers, the node's /metrics adds all of them up."""
+    proxy = proxy_factory({"proxy": {"workers": 2}})
+    server: TcpServer = await tcp_server(_echo)
+    count = 24  # the kernel spreads these over both workers
+    for _ in range(count):
+        tunnel = await proxy.open(server.host, server.port)
+        tunnel.writer.write(b"abc")
+        assert await asyncio.wait_for(tunnel.reader.readexactly(3), 10) == b"abc"
+        await tunnel.close()
+
+    def total() -> float:
+        return _value(_scrape(proxy), "s5a_proxy_connections_total", status="ok",
+                      command="connect")
+
+    await poll(lambda: total() == count, what=f"{count} connections over both workers")
+    after = _scrape(proxy)
+    assert _value(after, "s5a_proxy_bytes_total", direction="out") == 3 * count
