@@ -25,6 +25,7 @@ from proxy_node.gatekeeper import Gatekeeper
 from proxy_node.policy import Policy, PolicyError, load_policy
 from proxy_node.reload import PolicyWatcher
 from proxy_node.resolver import CachingResolver
+from proxy_node.secret_watch import SecretWatch
 from proxy_node.server import ProxyServer, open_listening_socket
 from proxy_node.sink import EventSink, JsonLinesSink, NullSink
 from socks5_analytics import __version__, runtime
@@ -135,11 +136,15 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
             await asyncio.sleep(1.0)
 
     tasks = [interims, loop.create_task(sample_metrics())]
+    # One watcher, one current version: the file and the Secret watch both offer to it.
+    watcher = PolicyWatcher(proxy.policy_file, current=policy, apply=apply_policy,
+                            interval=proxy.policy_poll_interval, log=log)
     if proxy.policy_file is not None:
-        watcher = PolicyWatcher(proxy.policy_file, current=policy, apply=apply_policy,
-                                interval=proxy.policy_poll_interval, log=log)
         tasks.append(loop.create_task(watcher.run()))
         loop.add_signal_handler(signal.SIGHUP, lambda: watcher.check(force=True))
+    if proxy.policy_secret.enabled:
+        secret_watch = SecretWatch(proxy.policy_secret, offer=watcher.offer, log=log)
+        tasks.append(loop.create_task(secret_watch.run()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     _warn_if_open(host, policy)

@@ -41,6 +41,7 @@ __all__ = [
     "EventSinkSettings",
     "LogSettings",
     "OperatorSettings",
+    "PolicySecretSettings",
     "ProxySettings",
     "Settings",
     "format_address",
@@ -205,6 +206,28 @@ class TelemetrySettings(_Section):
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
+_SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class PolicySecretSettings(_Section):
+    """Watch the operator's policy Secret through the Kubernetes API (sub-second updates)."""
+
+    enabled: bool = False
+    # The Secret's namespace; null: the pod's own (the service account's namespace file)
+    namespace: str | None = Field(default=None, min_length=1, max_length=63,
+                                  pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    # The Secret the operator writes, and its key holding the policy document
+    name: str = Field(default="socks5-analytics-policy", min_length=1, max_length=253,
+                      pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    key: str = Field(default="policy.yaml", min_length=1, max_length=253,
+                     pattern=r"^[-._a-zA-Z0-9]+$")
+    # https://HOST:PORT of the API server; null: KUBERNETES_SERVICE_HOST/PORT (in a pod)
+    api_server: str | None = Field(default=None, pattern=r"^https?://")
+    # The service account's token (re-read on every connection: it rotates) and CA bundle
+    token_file: Path = _SERVICE_ACCOUNT / "token"
+    ca_file: Path = _SERVICE_ACCOUNT / "ca.crt"
+
+
 class ProxySettings(_Section):
     """A SOCKS5 proxy node."""
 
@@ -214,6 +237,7 @@ class ProxySettings(_Section):
     policy_file: Path | None = None
     # Seconds between checks of the policy file for changes (SIGHUP checks at once).
     policy_poll_interval: Seconds = 1.0
+    policy_secret: PolicySecretSettings = PolicySecretSettings()
     workers: int = Field(default=1, ge=1, le=64)
     max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
     handshake_timeout: Seconds = 10.0

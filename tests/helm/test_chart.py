@@ -51,6 +51,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "limits": {"max_connections": 20000}},
         "config": {"proxy": {"idle_timeout": 600}},
     },
+    "policy-secret-watch": {
+        "proxy": {"policySecretWatch": {"enabled": True}, "autoscaling": {"enabled": False}},
+        "networkPolicy": {"enabled": True},
+    },
     "cluster-ip-bundled-db-with-monitoring": {
         "proxy": {"service": {"type": "ClusterIP"}},
         "serviceMonitor": {"enabled": True},
@@ -175,6 +179,39 @@ def test_container_settings_load(rendered: tuple[str, dict[str, str]],
                 load_settings(path)
 
 
+def test_the_policy_secret_watch_is_opt_in_and_reads_one_secret(
+        rendered: tuple[str, dict[str, str]]) -> None:
+    name, manifests = rendered
+    enabled = VALUE_SETS[name].get("proxy", {}).get("policySecretWatch", {}).get("enabled")
+    proxy = _by_kind(manifests, "Deployment", "-proxy")
+    pod = proxy["spec"]["template"]["spec"]
+    [container] = [c for c in _containers(proxy) if c["name"] == "proxy"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    secret = next(v for v in pod["volumes"] if v["name"] == "policy")["secret"]["secretName"]
+    proxy_rbac = [d for d in _documents(manifests)
+                  if d["kind"] in ("ServiceAccount", "Role", "RoleBinding")
+                  and d["metadata"]["name"].endswith("-proxy")]
+    if not enabled:
+        assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+        assert not [k for k in env if k.startswith("S5A_PROXY__POLICY_SECRET__")]
+        assert proxy_rbac == []
+        return
+    assert env["S5A_PROXY__POLICY_SECRET__ENABLED"] == "true"
+    assert env["S5A_PROXY__POLICY_SECRET__NAME"] == secret  # the Secret the file comes from
+    assert env["S5A_PROXY__POLICY_SECRET__KEY"] == Path(env["S5A_PROXY__POLICY_FILE"]).name
+    assert pod["automountServiceAccountToken"] is True
+    account = _by_kind(manifests, "ServiceAccount", "-proxy")["metadata"]["name"]
+    assert pod["serviceAccountName"] == account
+    role = _by_kind(manifests, "Role", "-proxy")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": [secret], "verbs": ["get", "list", "watch"]}]
+    binding = _by_kind(manifests, "RoleBinding", "-proxy")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
+                                    "namespace": NAMESPACE}]
+
+
 def test_migrations_run_as_a_hook(rendered: tuple[str, dict[str, str]]) -> None:
     _, manifests = rendered
     job = _by_kind(manifests, "Job")
@@ -220,6 +257,7 @@ def test_notes_tell_what_to_run_next(rendered: tuple[str, dict[str, str]]) -> No
     {"api": {"ingress": {"enabled": True, "host": "Not A Host"}}},
     {"proxy": {"resources": {"requests": {"cpu": "lots"}}}},
     {"config": {"proxxy": {}}},
+    {"proxy": {"policySecretWatch": {"enabled": "yes"}}},
 ])
 def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmError):
