@@ -31,7 +31,7 @@ from proxy_node.sink import EventSink, JsonLinesSink, NullSink
 from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
-from socks5_analytics.telemetry import serve_metrics, setup_tracing
+from socks5_analytics.telemetry import serve_metrics, setup_tracing, stop_metrics
 
 __all__ = ["run"]
 
@@ -87,7 +87,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     metrics.set_policy(policy.version)
     metrics_server = None
     if worker == 0:  # workers write shared files; the parent serves them
-        metrics_server = serve_metrics(proxy.metrics_listen, metrics.registry)
+        metrics_server = serve_metrics(proxy.metrics_listen, metrics.registry, log=log)
     provider = setup_tracing(settings.telemetry, service="proxy", node=settings.node_id)
     tracer = provider.get_tracer("proxy_node", __version__) if provider is not None else None
     authenticator = PolicyAuthenticator(policy)
@@ -165,8 +165,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
         await sink.close()
         if provider is not None:
             provider.shutdown()
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        stop_metrics(metrics_server)
     log.info("stopped", events_dropped=sink.dropped)
     return 0
 
@@ -219,7 +218,7 @@ def _run_workers(settings: Settings) -> int:
         workers.append((process, ready))
     for _, ready in workers:
         ready.wait(timeout=30)
-    metrics_server = serve_metrics(settings.proxy.metrics_listen)
+    metrics_server = serve_metrics(settings.proxy.metrics_listen, log=log)
     log.info("proxy listening", address=format_address(host, port), version=__version__,
              workers=len(workers), metrics=_metrics_address(metrics_server))
 
@@ -239,8 +238,7 @@ def _run_workers(settings: Settings) -> int:
         if process.pid is not None:
             multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
     reservation.close()
-    if metrics_server is not None:
-        metrics_server.shutdown()
+    stop_metrics(metrics_server)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("stopped", workers=len(workers))
     return status
