@@ -29,7 +29,6 @@ import base64
 import binascii
 import contextlib
 import math
-import operator
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -72,7 +71,22 @@ from socks5_analytics.storage.validation import check_event, check_interim
 
 __all__ = ["Repository"]
 
-_event_record = operator.attrgetter(*_sql.EVENT_COLUMNS)
+
+def _event_record(e: StoredEvent) -> tuple[Any, ...]:
+    """A row for COPY, in `_sql.EVENT_COLUMNS` order, built as cheaply as asyncpg encodes it.
+
+    Addresses go as their packed bytes: asyncpg's inet encoder passes whatever it gets to
+    `ipaddress.ip_address`, which takes 4 or 16 bytes without parsing but turns an address
+    object back into text and parses that (about 4 µs an IPv4 address, 13 µs an IPv6 one).
+    """
+    dest_ip = e.dest_ip
+    return (e.event_id, e.node_id, e.started_at, e.ended_at, e.source_ip.packed,
+            e.source_port, e.user_name, e.command, e.protocol, e.dest_host, e.domain,
+            None if dest_ip is None else dest_ip.packed, e.dest_port, e.registered_domain,
+            e.status, e.reply_code, e.close_reason, e.connect_ms, e.ttfb_ms, e.duration_ms,
+            e.bytes_out, e.bytes_in, e.trace_id)
+
+
 _MINUTE = timedelta(minutes=1)
 _INTERVALS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
