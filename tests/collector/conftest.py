@@ -1,35 +1,23 @@
 """Fixtures for the collector tests: a real PostgreSQL, a real gRPC server on port 0.
 
-The PostgreSQL fixtures are the storage tests' own (tests/storage/conftest.py), loaded from
-that file rather than copied, so both suites start their server the same way.
+The PostgreSQL fixtures are shared by every suite (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from ingest_client import StartCollector
 
 from collector.main import build_server
 from collector.server import CollectorServer
 from socks5_analytics.config import Settings, load_settings
 from socks5_analytics.storage import Repository
 
-_spec = importlib.util.spec_from_file_location(
-    "_storage_fixtures", Path(__file__).resolve().parents[1] / "storage" / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-_storage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_storage)
-
-pg_server = _storage.pg_server
-template_url = _storage.template_url
-database_url = _storage.database_url
-db = _storage.db
+# pg_server, database_url and db: tests/conftest.py
 
 
 def collector_settings(**collector: Any) -> Settings:
@@ -42,7 +30,6 @@ def collector_settings(**collector: Any) -> Settings:
     return load_settings(None, collector=values)
 
 
-StartCollector = Callable[..., Any]
 
 
 @pytest.fixture

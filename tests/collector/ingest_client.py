@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
 from socks5_analytics.stubs.traffic.v1 import ingest_pb2 as ingest
 from socks5_analytics.stubs.traffic.v1.ingest_pb2_grpc import IngestServiceStub
+
+# start_collector(**collector_settings) -> CollectorServer (the conftest fixture).
+StartCollector = Callable[..., Any]
 
 METHOD = "/traffic.v1.IngestService/Stream"
 

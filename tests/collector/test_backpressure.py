@@ -10,8 +10,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import pytest
-from conftest import StartCollector
-from ingest_client import batch, eventually, make_event, open_session
+from ingest_client import StartCollector, batch, eventually, make_event, open_session
 from tcp_cutter import TcpCutter
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,8 +8,8 @@ import uuid
 import asyncpg
 import grpc
 import pytest
-from conftest import StartCollector
 from ingest_client import (
+    StartCollector,
     batch,
     eventually,
     heartbeat,

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import run_in_thread
+from dbtools import run_in_thread
 
 from socks5_analytics.storage import Repository, StatsFilter
 from socks5_analytics.storage import _sql as storage_sql
