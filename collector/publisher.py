@@ -422,6 +422,9 @@ class Publisher:
     def _fail(self, submission: _Submission, error: Exception) -> None:
         if not submission.done.done():
             submission.done.set_exception(error)
+            # The stream that waits for it may already be gone (it is answered by its node
+            # resending); mark the error seen so it is not reported as never retrieved.
+            submission.done.exception()
         self._release(submission)
 
     # -- heartbeats -----------------------------------------------------------------------
