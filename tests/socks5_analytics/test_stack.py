@@ -1,0 +1,131 @@
+"""`socks5-analytics up`: the whole local stack as a user runs it, and Ctrl-C loses no event.
+
+The real command in its own process, with an embedded PostgreSQL in a temporary folder and
+every port chosen by the system. Connections made just before Ctrl-C must be in the
+database afterwards (the stack stops the proxy first, then the collector, then PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import yaml
+
+from socks5_analytics.storage.embedded import EmbeddedPostgres
+
+CONNECTIONS = 12
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="s5a-up-"))
+    folder.chmod(0o755)  # as root, PostgreSQL runs as another user who must reach its folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def _echo_through(proxy: str, port: int, payload: bytes) -> None:
+    host, proxy_port = proxy.rsplit(":", 1)
+    with socket.create_connection((host, int(proxy_port)), timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+        assert sock.recv(10)[1] == 0
+        sock.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            received += sock.recv(65536)
+
+
+def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> None:
+    config = {
+        "node_id": "stack-test",
+        "proxy": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                  "policy_file": str(workdir / "policy.yaml"),
+                  "events": {"spool_dir": str(workdir / "spool"), "flush_interval": 5.0}},
+        "collector": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+        "api": {"listen": "127.0.0.1:0"},
+        "database": {"embedded_data_dir": str(workdir / "pg")},
+    }
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    (workdir / "policy.yaml").write_text("destinations: {block_private: false}\n")
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "socks5_analytics", "up", "--config", str(workdir / "config.yaml")],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("S5A_")},
+    )
+    try:
+        assert stack.stdout is not None
+        announced = ""
+        deadline = time.monotonic() + 90
+        while "Stop:" not in announced:
+            assert time.monotonic() < deadline, f"no announcement: {announced!r}"
+            line = stack.stdout.readline()
+            assert line or stack.poll() is None, f"up exited {stack.poll()}: {announced}"
+            announced += line
+        proxy = re.search(r"SOCKS5 proxy\s+(\S+)", announced).group(1)  # type: ignore[union-attr]
+        api = re.search(r"stats API\s+(http://\S+?)/ ", announced).group(1)  # type: ignore[union-attr]
+        assert "curl --socks5-hostname" in announced
+        assert httpx.get(f"{api}/healthz", timeout=10).status_code == 200
+        for index in range(CONNECTIONS):
+            _echo_through(proxy, echo_port, b"x" * (index + 1))
+        # flush_interval is 5 s: these events are still in the proxy's memory at Ctrl-C.
+        stack.send_signal(signal.SIGINT)
+        assert stack.wait(90) == 0
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+            stack.wait()
+        if stack.stdout is not None:
+            stack.stdout.close()
+    assert asyncio.run(_rows(workdir / "pg")) == (CONNECTIONS, sum(range(1, CONNECTIONS + 1)))
+
+
+async def _rows(data_dir: Path) -> tuple[int, int]:
+    """Start the stack's database again and count what it stored."""
+    async with EmbeddedPostgres(data_dir) as server:
+        connection = await asyncpg.connect(server.dsn)
+        try:
+            row = await connection.fetchrow(
+                "SELECT count(*), coalesce(sum(bytes_out), 0) FROM traffic_logs "
+                "WHERE node_id = 'stack-test' AND status = 'ok'")
+        finally:
+            await connection.close()
+    return int(row[0]), int(row[1])
