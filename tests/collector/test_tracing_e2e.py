@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +23,7 @@ import asyncpg
 import grpc
 import pytest
 import yaml
+from loopback import echo_server, socks_echo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,37 +89,8 @@ class Child:
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-
-
-def _socks_echo(proxy: str, port: int, payload: bytes) -> bytes:
-    host, proxy_port = proxy.rsplit(":", 1)
-    with socket.create_connection((host, int(proxy_port)), timeout=10) as sock:
-        sock.sendall(b"\x05\x01\x00")
-        assert sock.recv(2) == b"\x05\x00"
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
-        assert sock.recv(10)[1] == 0
-        sock.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            received += sock.recv(65536)
-        return received
+    with echo_server() as port:
+        yield port
 
 
 async def test_one_trace_from_connection_to_database(
@@ -151,7 +121,7 @@ async def test_one_trace_from_connection_to_database(
                        str(tmp_path / "policy.yaml"), "--collector", collector_address],
                       env, tmp_path)
         proxy_address = await asyncio.to_thread(proxy.address, "proxy listening")
-        assert await asyncio.to_thread(_socks_echo, proxy_address, echo_port, b"ping") == b"ping"
+        assert await asyncio.to_thread(socks_echo, proxy_address, echo_port, b"ping") == b"ping"
 
         connection = await _wait_span(receiver, "socks5.connection")
         write = await _wait_span(receiver, "INSERT traffic_logs")

@@ -12,12 +12,9 @@ import os
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 import yaml
+from loopback import echo_server, socks_echo
 
 from socks5_analytics.storage.embedded import EmbeddedPostgres
 
@@ -42,36 +40,8 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-
-
-def _echo_through(proxy: str, port: int, payload: bytes) -> None:
-    host, proxy_port = proxy.rsplit(":", 1)
-    with socket.create_connection((host, int(proxy_port)), timeout=10) as sock:
-        sock.sendall(b"\x05\x01\x00")
-        assert sock.recv(2) == b"\x05\x00"
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
-        assert sock.recv(10)[1] == 0
-        sock.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            received += sock.recv(65536)
+    with echo_server() as port:
+        yield port
 
 
 def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> None:
@@ -105,7 +75,7 @@ def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> No
         assert "curl --socks5-hostname" in announced
         assert httpx.get(f"{api}/healthz", timeout=10).status_code == 200
         for index in range(CONNECTIONS):
-            _echo_through(proxy, echo_port, b"x" * (index + 1))
+            socks_echo(proxy, echo_port, b"x" * (index + 1))
         # flush_interval is 5 s: these events are still in the proxy's memory at Ctrl-C.
         stack.send_signal(signal.SIGINT)
         assert stack.wait(90) == 0
