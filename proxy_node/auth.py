@@ -38,6 +38,13 @@ class Authenticator(Protocol):
     def requires_auth(self) -> bool:
         """Whether clients must authenticate with username/password."""
 
+    def recognized(self, username: bytes, password: bytes) -> bool | None:
+        """The answer when it needs no slow hash; None otherwise."""
+
+    def verification(self, username: bytes, password: bytes) -> tuple[asyncio.Future[bool], bool]:
+        """The slow check (shared by identical concurrent logins), and whether this call
+        started it."""
+
     async def verify(self, username: bytes, password: bytes) -> bool:
         """True when the user exists, is enabled and the password matches."""
 
@@ -51,6 +58,8 @@ class PolicyAuthenticator:
         # Unknown users still cost one hash check, so timing does not reveal who exists.
         self._decoy = hash_password(os.urandom(16).hex())
         self._users: dict[bytes, UserEntry] = {}
+        self._pending: dict[tuple[bytes, str, bytes], asyncio.Future[bool]] = {}
+        self._hashing: set[asyncio.Task[None]] = set()
         self.update(policy)
 
     @property
@@ -69,18 +78,57 @@ class PolicyAuthenticator:
         """The policy entry of a user, if any."""
         return self._users.get(username.encode())
 
-    async def verify(self, username: bytes, password: bytes) -> bool:
-        """Constant-time check; the slow hash runs in a worker thread, once per password."""
+    def recognized(self, username: bytes, password: bytes) -> bool | None:
+        """The answer without hashing, when this user's password was verified before: a
+        scrypt hash has one password, so the remembered one decides (constant time).
+        None: it must be hashed (first use, or an unknown user, who costs a decoy hash)."""
+        user = self._users.get(username)
+        if user is None:
+            return None
+        remembered = self._verified.get(user.password_hash)
+        if remembered is None:
+            return None
+        tag = hmac.new(self._secret, password, hashlib.sha256).digest()
+        return hmac.compare_digest(remembered, tag) and not user.disabled
+
+    def verification(self, username: bytes, password: bytes) -> tuple[asyncio.Future[bool], bool]:
+        """The slow check, shared by concurrent logins with the same credentials: (the
+        result, whether this call started it)."""
         user = self._users.get(username)
         stored = user.password_hash if user is not None else self._decoy
         tag = hmac.new(self._secret, password, hashlib.sha256).digest()
-        remembered = self._verified.get(stored)
-        if remembered is not None and hmac.compare_digest(remembered, tag):
-            return user is not None and not user.disabled
+        key = (username, stored, tag)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending, False
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, verify_password, password, stored)
-        current = self._users.get(username)  # the policy may have changed while we hashed
-        if not ok or current is None or current.password_hash != stored:
-            return False
-        self._verified[stored] = tag
-        return not current.disabled
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending[key] = future
+        task = loop.create_task(self._hash(username, password, stored, tag, key, future))
+        self._hashing.add(task)
+        task.add_done_callback(self._hashing.discard)
+        return future, True
+
+    async def _hash(self, username: bytes, password: bytes, stored: str, tag: bytes,
+                    key: tuple[bytes, str, bytes], future: asyncio.Future[bool]) -> None:
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, verify_password, password, stored)
+            current = self._users.get(username)  # the policy may have changed meanwhile
+            if ok and current is not None and current.password_hash == stored:
+                self._verified[stored] = tag
+                future.set_result(not current.disabled)
+            else:
+                future.set_result(False)
+        except Exception as exc:  # a task's top: the waiting logins get the error
+            future.set_exception(exc)
+        finally:
+            self._pending.pop(key, None)
+
+    async def verify(self, username: bytes, password: bytes) -> bool:
+        """Constant-time check; the slow hash runs in a worker thread, once per password."""
+        known = self.recognized(username, password)
+        if known is not None:
+            return known
+        future, _ = self.verification(username, password)
+        return await asyncio.shield(future)

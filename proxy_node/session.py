@@ -215,11 +215,26 @@ class Session:
             record.status = "rate_limited"
             server.note_auth_throttled(record.source_ip)
             return False
-        gate.auth_attempt(record.source_ip)
-        if not await server.authenticator.verify(credentials.username, credentials.password):
+        authenticator = server.authenticator
+        ok = authenticator.recognized(credentials.username, credentials.password)
+        if ok is None:
+            # The slow hash: counted as a failure before it runs (so parallel guesses cannot
+            # outrun the throttle) by the login that starts it; concurrent logins with the
+            # same credentials share it instead of each counting.
+            result, started = authenticator.verification(credentials.username,
+                                                         credentials.password)
+            if started:
+                gate.auth_attempt(record.source_ip)
+            ok = await asyncio.shield(result)
+            if started and ok:
+                gate.auth_succeeded(record.source_ip)
+            elif not started and not ok:
+                gate.auth_attempt(record.source_ip)
+        elif not ok:
+            gate.auth_attempt(record.source_ip)
+        if not ok:
             record.status = "auth_failed"
             return False
-        gate.auth_succeeded(record.source_ip)
         user = gate.users.get(record.user)
         if user is None:  # removed by a policy change while the hash was checked
             record.status = "auth_failed"
