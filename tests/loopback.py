@@ -1,13 +1,20 @@
-"""Blocking loopback helpers for tests that drive whole processes: an echo server in a
-thread, and one SOCKS5 CONNECT echo through a proxy (raw bytes, no client library)."""
+"""Blocking helpers for tests that drive whole processes: a component process with its log
+lines, an echo server in a thread, and one SOCKS5 CONNECT echo through a proxy (raw bytes,
+no client library)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -49,3 +56,46 @@ def socks_echo(proxy: str, port: int, payload: bytes) -> bytes:
             assert chunk, "the proxy closed early"
             received += chunk
         return received
+
+
+class Component:
+    """A `socks5-analytics` subcommand in its own process; its JSON log lines are kept."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "socks5_analytics", *args], env=env, cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                pass
+
+    def address(self, message: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if line.get("message") == message:
+                    return str(line["address"])
+            assert self.process.poll() is None, f"exited: {self.lines[-5:]}"
+            time.sleep(0.02)
+        raise AssertionError(f"no {message!r} log line")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._pump_thread.join(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()

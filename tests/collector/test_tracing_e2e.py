@@ -9,11 +9,7 @@ node's export span, the collector's batch span and the database write must form 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +19,7 @@ import asyncpg
 import grpc
 import pytest
 import yaml
-from loopback import echo_server, socks_echo
+from loopback import Component, echo_server, socks_echo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,49 +38,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             for scope in resource_spans.scope_spans:
                 self.spans.extend((service, span) for span in scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
-
-
-class Child:
-    """A component process; its JSON log lines are collected."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "socks5_analytics", *args], env=env, cwd=cwd,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
-        self._pump_thread.start()
-
-    def _pump(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            try:
-                self.lines.append(json.loads(raw))
-            except ValueError:
-                pass
-
-    def address(self, message: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if line.get("message") == message:
-                    return str(line["address"])
-            assert self.process.poll() is None, f"exited: {self.lines[-5:]}"
-            time.sleep(0.02)
-        raise AssertionError(f"no {message!r} log line")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._pump_thread.join(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 @pytest.fixture
@@ -113,11 +66,11 @@ async def test_one_trace_from_connection_to_database(
     (tmp_path / "policy.yaml").write_text("destinations: {block_private: false}\n")
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100", "PYTHONPATH": str(ROOT)}
     common = ["--config", str(tmp_path / "config.yaml")]
-    collector = Child(["collector", *common, "--listen", "127.0.0.1:0"], env, tmp_path)
+    collector = Component(["collector", *common, "--listen", "127.0.0.1:0"], env, tmp_path)
     proxy = None
     try:
         collector_address = await asyncio.to_thread(collector.address, "collector listening")
-        proxy = Child(["proxy", *common, "--listen", "127.0.0.1:0", "--policy",
+        proxy = Component(["proxy", *common, "--listen", "127.0.0.1:0", "--policy",
                        str(tmp_path / "policy.yaml"), "--collector", collector_address],
                       env, tmp_path)
         proxy_address = await asyncio.to_thread(proxy.address, "proxy listening")
