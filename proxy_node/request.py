@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import idna
 
@@ -64,6 +66,58 @@ def sockaddr_for(ip: str, port: int) -> SockAddr:
     return socket.AF_INET, (ip, port)
 
 
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class _Expired(Exception):
+    """The dial's deadline passed (kept apart from OSError: TimeoutError is one)."""
+
+
+class _Deadline:
+    """One timer for a whole dial; wakes the connect being waited on when it fires."""
+
+    __slots__ = ("expired", "waiter")
+
+    def __init__(self) -> None:
+        self.expired = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def fire(self) -> None:
+        self.expired = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Expired())
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[Any, ...],
+                   deadline: _Deadline) -> None:
+    """Connect a non-blocking socket, waiting for writability; OSError on failure."""
+    if deadline.expired:
+        raise _Expired
+    try:
+        sock.connect(addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    waiter = loop.create_future()
+    deadline.waiter = waiter
+    loop.add_writer(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        deadline.waiter = None
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def dial(
     dest: Destination,
     *,
@@ -71,8 +125,9 @@ async def dial(
     rules: RuleSet,
     timeout: float,
     command: str = "connect",
-) -> socket.socket:
-    """A connected non-blocking TCP socket to `dest`, or an UpstreamError."""
+) -> tuple[socket.socket, str]:
+    """A connected non-blocking TCP socket to `dest` and the IP it is connected to, or an
+    UpstreamError. One timer bounds the connection attempts (not the DNS lookup)."""
     loop = asyncio.get_running_loop()
     if dest.is_domain:
         rules.check_domain(command, dest.host, dest.port)  # before any DNS query
@@ -82,23 +137,33 @@ async def dial(
     domain = dest.host if dest.is_domain else None
     candidates = rules.allowed_addresses(command, domain, dest.port, candidates)
     failure: Exception | None = None
+    deadline = _Deadline()
+    timer = loop.call_at(loop.time() + timeout, deadline.fire)
     try:
-        async with asyncio.timeout(timeout):
-            for family, addr in candidates:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                try:
+        for family, addr in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            try:
+                if not _NONBLOCK:
                     sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await loop.sock_connect(sock, addr)
-                except OSError as exc:
-                    sock.close()
-                    failure = translate_os_error(exc)
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"no connection within {timeout:g} s") from exc
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await _connect(loop, sock, addr, deadline)
+            except OSError as exc:
+                sock.close()
+                failure = translate_os_error(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if family == socket.AF_INET:  # the address text is already canonical
+                return sock, addr[0]
+            try:  # IPv6 text comes in many spellings: the kernel's is canonical
+                return sock, plain_ip(sock.getpeername()[0])
+            except BaseException:
+                sock.close()
+                raise
+    except _Expired:
+        raise UpstreamTimeout(f"no connection within {timeout:g} s") from TimeoutError()
+    finally:
+        timer.cancel()
     assert failure is not None
     raise failure

@@ -267,12 +267,12 @@ class Session:
         server = self.server
         if not dest.is_domain:  # nothing to resolve: this is the address used, even if it fails
             self.record.dest_ip = dest.host
-        upstream = await dial(dest, resolver=server.resolver, rules=server.rules,
-                              timeout=server.settings.connect_timeout)
+        upstream, connected_ip = await dial(dest, resolver=server.resolver, rules=server.rules,
+                                            timeout=server.settings.connect_timeout)
         try:
             record = self.record
             record.connected_mono = time.monotonic()
-            record.dest_ip = plain_ip(upstream.getpeername()[0])
+            record.dest_ip = connected_ip
             host, port = upstream.getsockname()[:2]
             await self._succeed(reader, host, port)
         except BaseException:
