@@ -40,6 +40,16 @@ def wire(**fields: Any) -> pb.ConnectionEvent:
     return make_event(**base)
 
 
+def interim(**fields: Any) -> pb.InterimReport:
+    """An interim report stamped relative to NOW (not the wall clock, so tests never age)."""
+    base: dict[str, Any] = {
+        "started_at": stamp(NOW - timedelta(minutes=1)),
+        "reported_at": stamp(NOW),
+    }
+    base.update(fields)
+    return make_interim(**base)
+
+
 def event(**fields: Any) -> StoredEvent:
     row = normalize_event(wire(**fields), node_id="stream-node", now=NOW, rules=RULES)
     assert isinstance(row, StoredEvent), row
@@ -188,7 +198,7 @@ def test_every_bad_field_is_reported() -> None:
 
 
 def test_interims() -> None:
-    message = make_interim(event_id=ID.bytes, started_at=stamp(NOW - timedelta(minutes=2)),
+    message = interim(event_id=ID.bytes, started_at=stamp(NOW - timedelta(minutes=2)),
                            reported_at=stamp(NOW), domain="CDN.Example.com",
                            source_ip=IPv6Address("2001:db8::5").packed)
     report = normalize_interim(message, node_id="stream-node", now=NOW, rules=RULES)
@@ -199,7 +209,7 @@ def test_interims() -> None:
         bytes_in=5000,
     )
     assert check_interim(report) is None
-    bad = normalize_interim(make_interim(reported_at=stamp(NOW - timedelta(hours=1)),
+    bad = normalize_interim(interim(reported_at=stamp(NOW - timedelta(hours=1)),
                                          started_at=stamp(NOW), bytes_in=1 << 63),
                             node_id="n", now=NOW, rules=RULES)
     assert bad == ("reported_at: 2026-11-27T11:00:00+00:00 is before started_at; "
@@ -209,7 +219,7 @@ def test_interims() -> None:
 def test_batch_keeps_positions() -> None:
     events = [wire(event_id=uuid.uuid4().bytes), wire(event_id=b"bad"),
               wire(event_id=uuid.uuid4().bytes, status=0)]
-    interims = [make_interim(source_ip=b"x"), make_interim(started_at=stamp(NOW),
+    interims = [interim(source_ip=b"x"), interim(started_at=stamp(NOW),
                                                            reported_at=stamp(NOW))]
     result = normalize_batch(events, interims, node_id="n", now=NOW, rules=RULES)
     assert result.event_positions == (0,)
