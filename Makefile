@@ -29,11 +29,12 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy socks5_analytics proxy_node collector api
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy socks5_analytics proxy_node
+	$(BIN)/mypy socks5_analytics proxy_node collector api
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

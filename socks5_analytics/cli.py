@@ -119,7 +119,7 @@ def _run_operator(args: argparse.Namespace, settings: Settings) -> int:
     from socks5_operator.main import run
 
     try:
-        return run(settings)
+        return int(run(settings))
     except ConfigError as exc:
         print(f"socks5-analytics operator: {exc}", file=sys.stderr)
         return EXIT_CONFIG
