@@ -69,7 +69,8 @@ def _raise_fd_limit() -> None:
 
 async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
                  ready: Any = None) -> int:
-    if worker > 0:  # each worker process keeps its own spool
+    if worker > 1:  # each worker keeps its own spool; the first one the node's own, so a
+        # node going from one process to several still replays what it spooled before
         events = settings.proxy.events
         events = events.model_copy(update={"spool_dir": events.spool_dir / f"worker-{worker}"})
         settings = settings.model_copy(
