@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from ipaddress import ip_address
 from typing import Any
+
+from dbtools import stored_event
 
 from socks5_analytics.config import Settings, load_settings
 from socks5_analytics.storage import NodeReport, Repository, StoredEvent
@@ -98,35 +98,8 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def event(started_at: datetime, **changes: Any) -> StoredEvent:
-    """A valid event: a 30 s HTTPS connection of alice's, with `changes` applied."""
-    fields: dict[str, Any] = {
-        "event_id": uuid.uuid4(),
-        "node_id": "node-a",
-        "started_at": started_at,
-        "ended_at": started_at + timedelta(seconds=30),
-        "source_ip": ip_address("192.0.2.10"),
-        "source_port": 50_000,
-        "user_name": "alice",
-        "command": "connect",
-        "protocol": "tcp",
-        "dest_host": "www.example.com",
-        "domain": "www.example.com",
-        "dest_ip": ip_address("198.51.100.7"),
-        "dest_port": 443,
-        "registered_domain": "example.com",
-        "status": "ok",
-        "reply_code": 0,
-        "close_reason": "client",
-        "connect_ms": 12.5,
-        "ttfb_ms": 30.0,
-        "duration_ms": 30_000.0,
-        "bytes_out": 1_000,
-        "bytes_in": 50_000,
-        "trace_id": None,
-    }
-    fields.update(changes)
-    return StoredEvent(**fields)
+# A valid event: a 30 s HTTPS connection of alice's, with changes applied.
+event = stored_event
 
 
 @dataclass
