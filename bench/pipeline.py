@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": report.machine_info(),
-        "commit": _commit(),
+        "commit": report.git_state(),
         "runs": sizes.runs,
         "conn_runs": sizes.conn_runs,
         "events": sizes.events,
@@ -580,16 +580,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     log(f"done in {meta['elapsed_s']} s; results in {RESULTS}")
     return 0
-
-
-def _commit() -> str:
-    repo = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
-                            "socks5_analytics", "collector", "proxy_node"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 if __name__ == "__main__":

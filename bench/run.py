@@ -18,7 +18,6 @@ import json
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -212,21 +211,6 @@ def run_all(
                 log(f"  {summary(out, proxy.name, before)}")
 
 
-def git_state() -> str:
-    """The measured code's commit, marked "+dirty" when the work tree had changes."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
-        )
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench")
-    return head + ("+dirty" if dirty else "")
-
-
 def write_results(
     out: Collector, sizes: Sizes, proxies: list[Proxy], skipped: dict[str, str]
 ) -> str:
@@ -247,7 +231,7 @@ def write_results(
         "machine": report.machine_info(),
         "sizes": dataclasses.asdict(sizes),
         "versions": {p.name: p.version() for p in proxies},
-        "commit": git_state(),
+        "commit": report.git_state(),
         "elapsed_s": round(time.monotonic() - T0, 1),
     }
     warning = report.busy_warning(med)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": report.machine_info(),
-        "commit": _commit(),
+        "commit": report.git_state(),
         "runs": sizes.runs,
         "conn_count": sizes.conn_count,
         "conn_cap_s": sizes.conn_cap_s,
@@ -195,15 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     log(f"done in {meta['elapsed_s']} s; results in {RESULTS}")
     return 0
-
-
-def _commit() -> str:
-    import subprocess
-
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

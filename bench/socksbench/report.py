@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,18 @@ def machine_info() -> dict[str, Any]:
         "debian": distro,
         "python": platform.python_version(),
     }
+
+
+def git_state() -> str:
+    """The measured code's commit, marked "+dirty" when the work tree had changes."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench")
+    return head + ("+dirty" if dirty else "")
