@@ -21,15 +21,17 @@ expected 4 or 16"); an item with any reason is not stored, and the batch's other
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
 import idna
+from asyncpg.pgproto.pgproto import UUID as _FastUUID
 
 from socks5_analytics.storage.models import InterimReport, StoredEvent
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
@@ -52,13 +54,17 @@ IPAddress = IPv4Address | IPv6Address
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Nothing this product records happened before this; an earlier time is an unset clock.
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_EARLIEST_SECONDS = 946_684_800  # _EARLIEST as seconds since the epoch
+_MICROSECOND = timedelta(microseconds=1)
 _TIMESTAMP_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's own limit
 _BIGINT_MAX = (1 << 63) - 1
 _MAX_NAME = 255  # user and dest_host, as traffic_logs takes them
 _MAX_DOMAIN = 253
 _MAX_LABEL = 63
 _MAX_NODE_ID = 128
-_DOMAIN_CACHE_SIZE = 65_536
+# Distinct names (and addresses) remembered, least recently used first out: a proxy fleet
+# sees the same few thousand names again and again, and one entry is a few hundred bytes.
+CACHE_SIZE = 65_536
 
 _COMMANDS: dict[int, str] = {
     pb.COMMAND_CONNECT: "connect",
@@ -129,70 +135,71 @@ class NormalizedBatch:
     invalid: tuple[Invalid, ...]
 
 
+DomainAnswer = tuple[str | None, str | None, str | None]  # (domain, registered, reason)
+HostAnswer = tuple[str | None, str | None]  # (dest_host, reason)
+
+
 @dataclass(slots=True)
 class DomainRules:
     """How names are judged: the suffix list and the clock skew allowed.
 
-    Holds a bounded memo of names already normalized (a proxy sees the same few thousand
-    names again and again); the memo makes nothing impure, every answer is a function of
-    the name.
+    `domain`, `host` and `ip` are `domain_answer`, `host_answer` and `canonical_ip` behind
+    bounded LRU caches (`cache_size` entries each): a proxy sees the same names and addresses
+    again and again, and IDNA, the suffix list and address parsing are most of what a new
+    one costs. Every answer is a function of its argument, so the caches change no result.
     """
 
     suffixes: SuffixList
     max_clock_skew: timedelta = timedelta(minutes=5)
-    _memo: dict[str, tuple[str | None, str | None, str | None]] = field(
-        default_factory=dict, repr=False
-    )
-    _hosts: dict[str, tuple[str | None, str | None]] = field(default_factory=dict, repr=False)
-    _ips: dict[bytes, IPAddress] = field(default_factory=dict, repr=False)
+    cache_size: int = CACHE_SIZE
+    domain: functools._lru_cache_wrapper[DomainAnswer] = field(
+        init=False, repr=False, compare=False)
+    host: functools._lru_cache_wrapper[HostAnswer] = field(init=False, repr=False, compare=False)
+    ip: functools._lru_cache_wrapper[IPAddress] = field(init=False, repr=False, compare=False)
 
-    def host(self, text: str) -> tuple[str | None, str | None]:
-        """(dest_host, reason): an IP literal in canonical text, else a canonical name."""
-        known = self._hosts.get(text)
-        if known is not None:
-            return known
-        answer: tuple[str | None, str | None]
+    def __post_init__(self) -> None:
+        cached = functools.lru_cache(maxsize=self.cache_size)
+        self.domain = cached(functools.partial(domain_answer, self.suffixes))
+        self.host = cached(functools.partial(host_answer, self.domain))
+        self.ip = cached(canonical_ip)
+
+
+def domain_answer(suffixes: SuffixList, text: str) -> DomainAnswer:
+    """(domain, registered_domain, reason) for a name the client sent (uncached)."""
+    try:
+        name = canonical_domain(text)
+    except ValueError as exc:
+        return None, None, str(exc)
+    if _is_ip_text(name):
+        return None, None, None
+    return name, suffixes.privatesuffix(name), None
+
+
+def host_answer(domain: Callable[[str], DomainAnswer], text: str) -> HostAnswer:
+    """(dest_host, reason): an IP literal in canonical text, else a canonical name (uncached).
+
+    `domain` judges names (`DomainRules.domain`, so that both caches share its work).
+    """
+    if _could_be_ip(text):
         try:
-            answer = (str(canonical_ip(ip_address(text).packed)), None)
+            return str(canonical_ip(ip_address(text).packed)), None
         except ValueError:
-            domain, _, reason = self.domain(text)
-            answer = (None, reason) if reason is not None else (domain or text, None)
-        if len(self._hosts) >= _DOMAIN_CACHE_SIZE:
-            self._hosts.clear()
-        self._hosts[text] = answer
-        return answer
+            pass  # not an address after all: judged as a name below
+    name, _, reason = domain(text)
+    return (None, reason) if reason is not None else (name or text, None)
 
-    def ip(self, raw: bytes) -> IPAddress:
-        """`canonical_ip`, remembered: a node's clients and destinations repeat."""
-        known = self._ips.get(raw)
-        if known is None:
-            known = canonical_ip(raw)
-            if len(self._ips) >= _DOMAIN_CACHE_SIZE:
-                self._ips.clear()
-            self._ips[raw] = known
-        return known
 
-    def domain(self, text: str) -> tuple[str | None, str | None, str | None]:
-        """(domain, registered_domain, reason) for a name the client sent."""
-        known = self._memo.get(text)
-        if known is not None:
-            return known
-        try:
-            name = canonical_domain(text)
-        except ValueError as exc:
-            answer: tuple[str | None, str | None, str | None] = (None, None, str(exc))
-        else:
-            if _is_ip_text(name):
-                answer = (None, None, None)
-            else:
-                answer = (name, self.suffixes.privatesuffix(name), None)
-        if len(self._memo) >= _DOMAIN_CACHE_SIZE:
-            self._memo.clear()
-        self._memo[text] = answer
-        return answer
+def _could_be_ip(text: str) -> bool:
+    """False when `ipaddress.ip_address` would surely refuse `text` (its refusal is slow).
+
+    An IPv4 literal is ASCII digits and dots only; an IPv6 literal has colons.
+    """
+    return ":" in text or (text.isascii() and text.replace(".", "").isdigit())
 
 
 def _is_ip_text(text: str) -> bool:
+    if not _could_be_ip(text):
+        return False
     try:
         ip_address(text)
     except ValueError:
@@ -235,27 +242,42 @@ def canonical_ip(raw: bytes) -> IPAddress:
     raise ValueError(f"{len(raw)} bytes, expected 4 or 16")
 
 
-def _time(message: Any, name: str, now: datetime, skew: timedelta,
+@dataclass(frozen=True, slots=True)
+class _Clock:
+    """The collector's clock as one batch's items are judged against it."""
+
+    now: datetime
+    skew: timedelta
+    latest_us: int  # now + skew, in microseconds since the epoch
+
+    @classmethod
+    def of(cls, now: datetime, skew: timedelta) -> _Clock:
+        return cls(now, skew, (now + skew - _EPOCH) // _MICROSECOND)
+
+
+def _time(stamp: Any, name: str, present: Callable[[str], bool], clock: _Clock,
           problems: list[str]) -> datetime | None:
-    if not message.HasField(name):
+    """A Timestamp as UTC microseconds; the usual good case is checked on integers first."""
+    seconds, nanos = stamp.seconds, stamp.nanos
+    micros = nanos // 1000
+    if (0 <= nanos <= 999_999_999 and seconds >= _EARLIEST_SECONDS
+            and seconds * 1_000_000 + micros <= clock.latest_us):
+        return _EPOCH + timedelta(0, seconds, micros)
+    if not present(name):
         problems.append(f"{name}: missing")
         return None
-    stamp = getattr(message, name)
-    seconds, nanos = stamp.seconds, stamp.nanos
     if not 0 <= nanos <= 999_999_999 or not 0 <= seconds <= _TIMESTAMP_MAX_SECONDS:
         problems.append(f"{name}: not a valid timestamp ({seconds}s {nanos}ns)")
         return None
-    moment = _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    moment = _EPOCH + timedelta(seconds=seconds, microseconds=micros)
     if moment < _EARLIEST:
         problems.append(f"{name}: {moment.isoformat()} is before 2000 (an unset clock?)")
-        return None
-    if moment > now + skew:
+    else:
         problems.append(
             f"{name}: {moment.isoformat()} is ahead of the collector's clock by more than "
-            f"{skew.total_seconds():g} s"
+            f"{clock.skew.total_seconds():g} s"
         )
-        return None
-    return moment
+    return None
 
 
 def _ip(raw: bytes, name: str, rules: DomainRules, problems: list[str]) -> IPAddress | None:
@@ -267,7 +289,7 @@ def _ip(raw: bytes, name: str, rules: DomainRules, problems: list[str]) -> IPAdd
 
 
 def _ms(value: float, name: str, problems: list[str]) -> float:
-    if not math.isfinite(value) or value < 0:
+    if not (value >= 0 and value != math.inf):  # NaN fails both comparisons
         problems.append(f"{name}: {value!r} is not a finite number >= 0")
     return value
 
@@ -296,27 +318,32 @@ def _enum(value: int, table: dict[int, str], name: str, problems: list[str]) -> 
 
 
 def _event_id(raw: bytes, problems: list[str]) -> uuid.UUID:
+    """The event id; asyncpg's UUID (a `uuid.UUID`, equal and hashing alike) is made ten
+    times faster and is what its COPY encoder writes without converting."""
     if len(raw) != 16:
         problems.append(f"event_id: {len(raw)} bytes, expected 16")
-        return uuid.UUID(int=0)
-    return uuid.UUID(bytes=raw)
+        return _NO_ID
+    made: uuid.UUID = _FastUUID(raw)
+    return made
 
 
-def _names(message: Any, rules: DomainRules,
-           problems: list[str]) -> tuple[str | None, str | None]:
-    if not message.HasField("domain") or not message.domain:
+_NO_ID = uuid.UUID(int=0)
+
+
+def _names(text: str, rules: DomainRules, problems: list[str]) -> tuple[str | None, str | None]:
+    """(domain, registered_domain) of the name the client sent ("" when none)."""
+    if not text:
         return None, None
-    domain, registered, reason = rules.domain(message.domain)
+    domain, registered, reason = rules.domain(text)
     if reason is not None:
         problems.append(f"domain: {reason}")
     return domain, registered
 
 
-def _dest_host(message: pb.ConnectionEvent, rules: DomainRules,
-               problems: list[str]) -> str | None:
-    if not message.HasField("dest_host") or not message.dest_host:
+def _dest_host(text: str, rules: DomainRules, problems: list[str]) -> str | None:
+    if not text:
         return None
-    host, reason = rules.host(message.dest_host)
+    host, reason = rules.host(text)
     if reason is not None:
         problems.append(f"dest_host: {reason}")
     return host
@@ -329,45 +356,55 @@ def normalize_event(
 
     `node_id` is the stream's node, used when the event does not name one itself.
     """
+    return _event(message, node_id, rules, _Clock.of(now, rules.max_clock_skew))
+
+
+def _event(message: pb.ConnectionEvent, node_id: str, rules: DomainRules,
+           clock: _Clock) -> StoredEvent | str:
+    # One pass over the fields in the order the reasons are listed. An unset optional
+    # string reads as "", which means "none" for dest_host and domain alike.
     problems: list[str] = []
+    present = message.HasField
     event_id = _event_id(message.event_id, problems)
     node = message.node_id or node_id
     if len(node) > _MAX_NODE_ID:
         problems.append(f"node_id: {len(node)} characters, at most {_MAX_NODE_ID}")
-    skew = rules.max_clock_skew
-    started_at = _time(message, "started_at", now, skew, problems)
-    ended_at = _time(message, "ended_at", now, skew, problems)
+    started_at = _time(message.started_at, "started_at", present, clock, problems)
+    ended_at = _time(message.ended_at, "ended_at", present, clock, problems)
     if started_at is not None and ended_at is not None and ended_at < started_at:
         problems.append(f"ended_at: {ended_at.isoformat()} is before started_at")
     source_ip = _ip(message.source_ip, "source_ip", rules, problems)
-    if message.source_port > 65535:
-        problems.append(f"source_port: {message.source_port} is over 65535")
+    source_port = message.source_port
+    if source_port > 65535:
+        problems.append(f"source_port: {source_port} is over 65535")
     user = _text(message.user, "user", _MAX_NAME, problems)
     command = _enum(message.command, _COMMANDS, "command", problems)
     protocol = _enum(message.protocol, _PROTOCOLS, "protocol", problems)
-    dest_host = _dest_host(message, rules, problems)
-    domain, registered = _names(message, rules, problems)
-    dest_ip = _ip(message.dest_ip, "dest_ip", rules, problems) if message.dest_ip else None
-    dest_port = message.dest_port if message.HasField("dest_port") else None
+    dest_host = _dest_host(message.dest_host, rules, problems)
+    domain, registered = _names(message.domain, rules, problems)
+    raw_dest = message.dest_ip
+    dest_ip = _ip(raw_dest, "dest_ip", rules, problems) if raw_dest else None
+    dest_port = message.dest_port if present("dest_port") else None
     if dest_port is not None and dest_port > 65535:
         problems.append(f"dest_port: {dest_port} is over 65535")
     status = _enum(message.status, _STATUSES, "status", problems)
-    reply_code = message.reply_code if message.HasField("reply_code") else None
+    reply_code = message.reply_code if present("reply_code") else None
     if reply_code is not None and reply_code > 255:
         problems.append(f"reply_code: {reply_code} is over 255")
     close_reason = _enum(message.close_reason, _CLOSE_REASONS, "close_reason", problems)
     connect_ms = (_ms(message.connect_ms, "connect_ms", problems)
-                  if message.HasField("connect_ms") else None)
-    ttfb_ms = _ms(message.ttfb_ms, "ttfb_ms", problems) if message.HasField("ttfb_ms") else None
+                  if present("connect_ms") else None)
+    ttfb_ms = _ms(message.ttfb_ms, "ttfb_ms", problems) if present("ttfb_ms") else None
     duration_ms = _ms(message.duration_ms, "duration_ms", problems)
     bytes_out = _count(message.bytes_out, "bytes_out", problems)
     bytes_in = _count(message.bytes_in, "bytes_in", problems)
     trace_id: str | None = None
-    if message.trace_id:
-        if len(message.trace_id) != 16:
-            problems.append(f"trace_id: {len(message.trace_id)} bytes, expected 16")
-        elif any(message.trace_id):
-            trace_id = message.trace_id.hex()
+    raw_trace = message.trace_id
+    if raw_trace:
+        if len(raw_trace) != 16:
+            problems.append(f"trace_id: {len(raw_trace)} bytes, expected 16")
+        elif any(raw_trace):
+            trace_id = raw_trace.hex()
     if problems:
         return "; ".join(problems)
     assert started_at is not None and ended_at is not None and source_ip is not None
@@ -377,7 +414,7 @@ def normalize_event(
         started_at=started_at,
         ended_at=ended_at,
         source_ip=source_ip,
-        source_port=message.source_port,
+        source_port=source_port,
         user_name=user,
         command=command,
         protocol=protocol,
@@ -402,16 +439,21 @@ def normalize_interim(
     message: pb.InterimReport, *, node_id: str, now: datetime, rules: DomainRules
 ) -> InterimReport | str:
     """The rollup input of an open connection's counts, or the reasons it has none."""
+    return _interim(message, node_id, rules, _Clock.of(now, rules.max_clock_skew))
+
+
+def _interim(message: pb.InterimReport, node_id: str, rules: DomainRules,
+             clock: _Clock) -> InterimReport | str:
     problems: list[str] = []
+    present = message.HasField
     event_id = _event_id(message.event_id, problems)
-    skew = rules.max_clock_skew
-    started_at = _time(message, "started_at", now, skew, problems)
-    reported_at = _time(message, "reported_at", now, skew, problems)
+    started_at = _time(message.started_at, "started_at", present, clock, problems)
+    reported_at = _time(message.reported_at, "reported_at", present, clock, problems)
     if started_at is not None and reported_at is not None and reported_at < started_at:
         problems.append(f"reported_at: {reported_at.isoformat()} is before started_at")
     source_ip = _ip(message.source_ip, "source_ip", rules, problems)
     user = _text(message.user, "user", _MAX_NAME, problems)
-    domain, registered = _names(message, rules, problems)
+    domain, registered = _names(message.domain, rules, problems)
     bytes_out = _count(message.bytes_out, "bytes_out", problems)
     bytes_in = _count(message.bytes_in, "bytes_in", problems)
     if problems:
@@ -440,20 +482,21 @@ def normalize_batch(
     rules: DomainRules,
 ) -> NormalizedBatch:
     """Every item of a batch: the rows to store and the items refused, by position."""
+    clock = _Clock.of(now, rules.max_clock_skew)
     rows: list[StoredEvent] = []
     row_positions: list[int] = []
     reports: list[InterimReport] = []
     report_positions: list[int] = []
     invalid: list[Invalid] = []
     for index, message in enumerate(events):
-        row = normalize_event(message, node_id=node_id, now=now, rules=rules)
+        row = _event(message, node_id, rules, clock)
         if isinstance(row, str):
             invalid.append(Invalid(index, False, _readable_id(message.event_id), row))
         else:
             rows.append(row)
             row_positions.append(index)
     for index, interim in enumerate(interims):
-        report = normalize_interim(interim, node_id=node_id, now=now, rules=rules)
+        report = _interim(interim, node_id, rules, clock)
         if isinstance(report, str):
             invalid.append(Invalid(index, True, _readable_id(interim.event_id), report))
         else:

@@ -383,18 +383,25 @@ class Publisher:
         for row in partial.rejected:
             (rejected_events if row.kind == "event" else rejected_interims)[row.event_id] = row
         oldest = _utc_day(now) - timedelta(days=self._writer.retention_days)
+        # Comparing aware datetimes is the same test as comparing UTC days, without making
+        # a date per row.
+        oldest_start = datetime(oldest.year, oldest.month, oldest.day, tzinfo=UTC)
         new_left = partial.inserted
         for submission in group:
             mine: list[RejectedRow] = []
-            expired = stored = 0
-            for event in submission.events:
-                refused = rejected_events.get(event.event_id)
-                if refused is not None:
-                    mine.append(refused)
-                elif _utc_day(event.started_at) < oldest:
-                    expired += 1
-                else:
-                    stored += 1
+            expired = 0
+            if rejected_events:
+                for event in submission.events:
+                    refused = rejected_events.get(event.event_id)
+                    if refused is not None:
+                        mine.append(refused)
+                    elif event.started_at < oldest_start:
+                        expired += 1
+            else:
+                for event in submission.events:
+                    if event.started_at < oldest_start:
+                        expired += 1
+            stored = len(submission.events) - len(mine) - expired
             for report in submission.interims:
                 refused = rejected_interims.get(report.event_id)
                 if refused is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import pytest
@@ -14,9 +14,12 @@ from ingest_client import make_event, make_interim, stamp
 
 from collector.normalize import (
     DomainRules,
+    _could_be_ip,
     canonical_domain,
     canonical_ip,
     default_suffix_list,
+    domain_answer,
+    host_answer,
     normalize_batch,
     normalize_event,
     normalize_interim,
@@ -235,3 +238,46 @@ def test_batch_keeps_positions() -> None:
 def test_canonical_domain_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         canonical_domain(text)
+
+
+NAMES = ["www.bbc.co.uk", "WWW.BBC.CO.UK.", "Bücher.Example.de", "co.uk", "a.b.github.io",
+         "192.0.2.1", "192.0.2.1.", "2001:DB8::1", "::ffff:192.0.2.1", "fe80::1%eth0", "a..b",
+         "a b.com", "\u2603\u0301.com", "1.2.3", "127.1", "\u0661\u0662.1.1.1", "_sip._tcp.x.com",
+         "x" * 64 + ".com", "a:b"]
+
+
+def test_cached_answers_equal_uncached_ones_and_the_caches_stay_bounded() -> None:
+    rules = DomainRules(default_suffix_list(), cache_size=4)
+    for _ in range(2):  # more names than room: answered anew after their eviction
+        for name in NAMES:
+            for _ in range(2):  # answered from the cache
+                assert rules.domain(name) == domain_answer(rules.suffixes, name)
+                assert rules.host(name) == host_answer(rules.domain, name)
+    for raw in (bytes([192, 0, 2, 1]), IPv6Address("::ffff:192.0.2.1").packed, bytes(16)) * 3:
+        assert rules.ip(raw) == canonical_ip(raw)
+    for cache in (rules.domain, rules.host, rules.ip):
+        info = cache.cache_info()
+        assert info.maxsize == 4 and info.currsize <= 4 and info.hits > 0
+
+
+def test_a_bad_address_is_refused_every_time_not_cached() -> None:
+    rules = DomainRules(default_suffix_list())
+    for _ in range(2):
+        with pytest.raises(ValueError, match="5 bytes"):
+            rules.ip(bytes(5))
+
+
+@pytest.mark.parametrize("text", [*NAMES, "1.2.3.4", "::", "0.0.0.0", "::1", "1.2.3.4%x",
+                                          "12345", "\uff11.2.3.4", "", "."])
+def test_the_ip_prefilter_never_refuses_an_address(text: str) -> None:
+    try:
+        ip_address(text)
+    except ValueError:
+        return
+    assert _could_be_ip(text)
+
+
+def test_event_ids_are_uuids() -> None:
+    row = event()
+    assert isinstance(row.event_id, uuid.UUID)
+    assert row.event_id == ID and hash(row.event_id) == hash(ID) and str(row.event_id) == str(ID)
