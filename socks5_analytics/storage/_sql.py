@@ -27,15 +27,33 @@ CREATE_STAGE = (
 )
 
 
+TIERS: tuple[str, ...] = ("minute", "hour", "day")
+
+
 @dataclass(frozen=True)
 class Rollup:
-    """A per-minute rollup table: its key columns and the filters its key can answer."""
+    """A rollup family (a per-minute table and its hourly and daily tiers, keyed alike): its
+    key columns and the filters its key can answer.
+
+    `deferred` families are fed through `rollup_queue` and the roll-forward instead of by the
+    insert itself; their readers add what is still queued.
+    """
 
     table: str
     keys: tuple[str, ...]  # after bucket
     filters: frozenset[str]  # StatsFilter fields
     where: str = "TRUE"
     extra: tuple[tuple[str, str, str], ...] = ()  # (column, aggregate, on-conflict value)
+    deferred: bool = False
+
+    def tier_table(self, tier: str) -> str:
+        """The table of `tier` ("minute", "hour" or "day")."""
+        return self.table if tier == "minute" else f"{self.table}_{tier}"
+
+    @property
+    def row_columns(self) -> tuple[str, ...]:
+        """The columns of a rollup row, in the order every reader selects them."""
+        return ("bucket", *self.keys, *(column for column, _, _ in self.extra), *_MEASURES)
 
 
 TOTALS = Rollup("rollup_totals", ("node_id", "status"), frozenset({"node", "status"}))
@@ -46,11 +64,13 @@ DOMAINS = Rollup(
     where="domain IS NOT NULL",
     extra=(("registered_domain", "max(registered_domain)",
             "coalesce(excluded.registered_domain, r.registered_domain)"),),
+    deferred=True,
 )
 CLIENTS = Rollup(
     "rollup_clients",
     ("source_ip", "user_name", "status"),
     frozenset({"source_ip", "user", "status"}),
+    deferred=True,
 )
 ROLLUPS = (TOTALS, DOMAINS, CLIENTS)
 
@@ -82,44 +102,84 @@ _MEASURES = ("connections", "bytes_in", "bytes_out", "connect_count", "connect_m
              "connect_ms_max", *LATENCY_COLUMNS)
 
 
-def _upsert(rollup: Rollup, source: str) -> str:
-    """An INSERT ... ON CONFLICT that adds the facts of CTE `source` into `rollup`."""
+def _aggregate(rollup: Rollup, facts: str) -> str:
+    """Rollup rows (per minute) of the facts in CTE `facts`: one GROUP BY for every tier."""
+    keys = ", ".join(("bucket", *rollup.keys))
+    extras = "".join(f", {aggregate} AS {column}" for column, aggregate, _ in rollup.extra)
+    histogram = ", ".join(
+        f"count(*) FILTER (WHERE {condition}) AS {column}"
+        for condition, column in zip(_bucket_filters("connect_ms"), LATENCY_COLUMNS,
+                                     strict=True))
+    return (f"SELECT {keys}{extras}, sum(connections) AS connections, "
+            f"sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out, "
+            f"count(connect_ms) AS connect_count, "
+            f"coalesce(sum(connect_ms), 0) AS connect_ms_sum, max(connect_ms) AS connect_ms_max, "
+            f"{histogram} FROM {facts} WHERE {rollup.where} GROUP BY {keys}")
+
+
+def _upsert(rollup: Rollup, tier: str, rows: str) -> str:
+    """An INSERT ... ON CONFLICT that adds the rollup rows of CTE `rows` into `tier`."""
+    table = rollup.tier_table(tier)
     keys = ("bucket", *rollup.keys)
     key_list = ", ".join(keys)
     extra_columns = [column for column, _, _ in rollup.extra]
     columns = ", ".join([*keys, *extra_columns, *_MEASURES])
-    aggregates = ", ".join(
-        [*keys, *(aggregate for _, aggregate, _ in rollup.extra),
-         "sum(connections)", "sum(bytes_in)", "sum(bytes_out)", "count(connect_ms)",
-         "coalesce(sum(connect_ms), 0)", "max(connect_ms)", HISTOGRAM_FROM_RAW]
-    )
+    sums = [f"max({m})" if m == "connect_ms_max" else f"sum({m})" for m in _MEASURES]
+    selected = ", ".join([f"date_trunc('{tier}', bucket)", *rollup.keys,
+                          *(f"max({column})" for column in extra_columns), *sums])
+    group = ", ".join(["1", *rollup.keys])
     updates = [f"{column} = {value}" for column, _, value in rollup.extra]
     for measure in _MEASURES:
         if measure == "connect_ms_max":
             updates.append("connect_ms_max = greatest(r.connect_ms_max, excluded.connect_ms_max)")
         else:
             updates.append(f"{measure} = r.{measure} + excluded.{measure}")
-    # ORDER BY: concurrent batches lock rollup rows in one order, so they cannot deadlock.
+    # ORDER BY: concurrent writers lock rollup rows in one order, so they cannot deadlock.
     return (
-        f"INSERT INTO {rollup.table} AS r ({columns})\n"
-        f"    SELECT {aggregates}\n"
-        f"    FROM {source} WHERE {rollup.where}\n"
-        f"    GROUP BY {key_list} ORDER BY {key_list}\n"
+        f"INSERT INTO {table} AS r ({columns})\n"
+        f"    SELECT {selected}\n"
+        f"    FROM {rows} GROUP BY {group} ORDER BY {group}\n"
         f"    ON CONFLICT ({key_list}) DO UPDATE SET {', '.join(updates)}"
     )
 
 
-def _with_rollups(source: str) -> str:
-    return ",\n".join(
-        f"rollup_{index} AS (\n    {_upsert(rollup, source)}\n)"
-        for index, rollup in enumerate(ROLLUPS)
+def with_tiers(rollup: Rollup, facts: str, tiers: tuple[str, ...] = TIERS) -> str:
+    """CTEs that aggregate CTE `facts` once and add the result to every tier of `rollup`."""
+    name = rollup.table
+    parts = [f"{name}_rows AS (\n    {_aggregate(rollup, facts)}\n)"]
+    parts += [f"{name}_{tier}_upsert AS (\n    {_upsert(rollup, tier, f'{name}_rows')}\n)"
+              for tier in tiers]
+    return ",\n".join(parts)
+
+
+_QUEUE_COLUMNS = ("started_bucket, ended_bucket, source_ip, user_name, domain, "
+                  "registered_domain, status, connections, connect_ms, bytes_in, bytes_out")
+
+
+def queue_rows(rollup: Rollup) -> str:
+    """What `rollup_queue` still holds for `rollup`, as rollup rows (one per fact)."""
+    keys = ", ".join(rollup.keys)
+    extras = "".join(f", {column}" for column, _, _ in rollup.extra)
+    histogram = ", ".join(f"coalesce(({condition})::int, 0)::bigint"
+                          for condition in _bucket_filters("connect_ms"))
+    zeros = ", ".join("0::bigint" for _ in LATENCY_COLUMNS)
+    return (
+        f"SELECT started_bucket, {keys}{extras}, connections::bigint, 0::bigint, 0::bigint, "
+        f"(connect_ms IS NOT NULL)::int::bigint, coalesce(connect_ms, 0), connect_ms, "
+        f"{histogram} FROM rollup_queue WHERE connections > 0 AND {rollup.where} "
+        f"UNION ALL "
+        f"SELECT ended_bucket, {keys}{extras}, 0::bigint, bytes_in, bytes_out, 0::bigint, "
+        f"0::double precision, NULL::double precision, {zeros} FROM rollup_queue "
+        f"WHERE (bytes_in > 0 OR bytes_out > 0) AND {rollup.where}"
     )
 
 
 # The final events of a batch, staged by COPY: the rows that are new (ON CONFLICT skips the
 # ones already stored, which makes a retried batch a no-op) go into traffic_logs, and only
 # those rows feed the rollups. A connection counts in the minute it started; its bytes, less
-# what interim reports already put into the rollups, in the minute it ended.
+# what interim reports already put into the rollups, in the minute it ended. The totals
+# (a few rows per batch) are added to every tier here; the domain and client rollups get one
+# queue row per new event, rolled forward later (ROLL_FORWARD).
 INSERT_EVENTS = f"""
 WITH inserted AS (
     INSERT INTO traffic_logs ({_EVENT_LIST})
@@ -139,16 +199,20 @@ remainder AS (
     FROM inserted i LEFT JOIN progress p ON p.event_id = i.event_id
 ),
 facts AS (
-    SELECT date_trunc('minute', started_at) AS bucket, node_id, source_ip, user_name, domain,
-           registered_domain, status, 1 AS connections, 0::bigint AS bytes_in,
-           0::bigint AS bytes_out, connect_ms
+    SELECT date_trunc('minute', started_at) AS bucket, node_id, status, 1 AS connections,
+           0::bigint AS bytes_in, 0::bigint AS bytes_out, connect_ms
     FROM inserted
     UNION ALL
-    SELECT date_trunc('minute', ended_at), node_id, source_ip, user_name, domain,
-           registered_domain, status, 0, rest_in, rest_out, NULL
+    SELECT date_trunc('minute', ended_at), node_id, status, 0, rest_in, rest_out, NULL
     FROM remainder WHERE rest_in > 0 OR rest_out > 0
 ),
-{_with_rollups("facts")}
+{with_tiers(TOTALS, "facts")},
+queued AS (
+    INSERT INTO rollup_queue ({_QUEUE_COLUMNS})
+    SELECT date_trunc('minute', started_at), date_trunc('minute', ended_at), source_ip,
+           user_name, domain, registered_domain, status, 1, connect_ms, rest_in, rest_out
+    FROM remainder
+)
 SELECT count(*) FROM inserted
 """
 
@@ -203,9 +267,63 @@ facts AS (
            NULL::double precision AS connect_ms
     FROM steps WHERE bytes_in > seen_in OR bytes_out > seen_out
 ),
-{_with_rollups("facts")}
+{with_tiers(TOTALS, "facts")},
+queued AS (
+    INSERT INTO rollup_queue ({_QUEUE_COLUMNS})
+    SELECT bucket, bucket, source_ip, user_name, domain, registered_domain, status, 0, NULL,
+           bytes_in, bytes_out
+    FROM facts
+)
 SELECT count(*) FROM live
 """
+
+# Serializes roll-forwards (an arbitrary constant: "S5AR"); a busy one is skipped, not waited
+# for, by the roll-forward that follows a commit.
+ROLL_FORWARD_LOCK = 0x53_35_41_52
+TRY_ROLL_FORWARD_LOCK = f"SELECT pg_try_advisory_xact_lock({ROLL_FORWARD_LOCK})"
+WAIT_ROLL_FORWARD_LOCK = f"SELECT pg_advisory_xact_lock({ROLL_FORWARD_LOCK})"
+
+_DEFERRED_TABLES = ", ".join(f"'{rollup.tier_table(tier)}'" for rollup in ROLLUPS
+                             if rollup.deferred for tier in TIERS)
+
+# Takes up to $1 queued rows and adds them to every tier of the deferred rollups, all in the
+# caller's transaction: a row is either still queued or in every tier, never both. Facts
+# dated before the oldest day that every tier still has (retention dropped the day while
+# they were queued) are dropped with their day.
+ROLL_FORWARD = f"""
+WITH taken AS (
+    DELETE FROM rollup_queue
+    WHERE ctid = ANY (ARRAY(SELECT ctid FROM rollup_queue LIMIT $1))
+    RETURNING *
+),
+kept AS (
+    SELECT max(first_day)::timestamp AT TIME ZONE 'UTC' AS since
+    FROM (
+        SELECT min(to_date(substring(c.relname from '_p([0-9]{{8}})$'), 'YYYYMMDD'))
+                   AS first_day
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = ANY (ARRAY[{_DEFERRED_TABLES}]::regclass[])
+          AND NOT i.inhdetachpending AND c.relname ~ '_p[0-9]{{8}}$'
+        GROUP BY i.inhparent
+    ) AS per_table
+),
+facts AS (
+    SELECT started_bucket AS bucket, source_ip, user_name, domain, registered_domain, status,
+           connections::bigint AS connections, 0::bigint AS bytes_in, 0::bigint AS bytes_out,
+           connect_ms
+    FROM taken WHERE connections > 0 AND started_bucket >= (SELECT since FROM kept)
+    UNION ALL
+    SELECT ended_bucket, source_ip, user_name, domain, registered_domain, status, 0,
+           bytes_in, bytes_out, NULL
+    FROM taken WHERE (bytes_in > 0 OR bytes_out > 0)
+                     AND ended_bucket >= (SELECT since FROM kept)
+),
+{with_tiers(DOMAINS, "facts")},
+{with_tiers(CLIENTS, "facts")}
+SELECT count(*) FROM taken
+"""
+
+QUEUE_LENGTH = "SELECT count(*) FROM rollup_queue"
 
 UPSERT_NODE = """
 INSERT INTO proxy_nodes AS n

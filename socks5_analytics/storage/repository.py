@@ -35,6 +35,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
+import structlog
 
 from socks5_analytics.storage import _sql
 from socks5_analytics.storage.errors import (
@@ -67,9 +68,14 @@ from socks5_analytics.storage.models import (
     TrafficSeries,
 )
 from socks5_analytics.storage.schema import LATENCY_BUCKETS_MS, PARTITIONED_TABLES
+from socks5_analytics.storage.tiers import Tier, split_window
 from socks5_analytics.storage.validation import check_event, check_interim
 
 __all__ = ["Repository"]
+
+_log = structlog.get_logger(__name__)
+# Queue rows one roll-forward transaction takes at most (a backlog goes in several).
+_ROLL_FORWARD_CHUNK = 200_000
 
 
 def _event_record(e: StoredEvent) -> tuple[Any, ...]:
@@ -94,6 +100,8 @@ _INTERVALS: dict[str, timedelta] = {
     "1h": timedelta(hours=1),
     "1d": timedelta(days=1),
 }
+# The coarsest tier whose buckets each interval's buckets are made of.
+_COARSEST: dict[str, Tier] = {"1m": "minute", "5m": "minute", "1h": "hour", "1d": "day"}
 # date_bin's origin: buckets of every interval start at whole UTC minutes, hours, days.
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 _RAW_COLUMN = {
@@ -231,6 +239,36 @@ def _choose_rollup(
     return None
 
 
+def _rollup_source(
+    rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, where: _Where,
+    *, coarsest: Tier = "day",
+) -> str:
+    """A FROM item with `rollup`'s rows for [since, until) that match the filters.
+
+    Whole days come from the daily tier, whole hours from the hourly one, the rest from the
+    minutes (`tiers.split_window`); a deferred family adds what is still queued. One
+    statement, so one snapshot: a roll-forward that commits meanwhile moves rows from the
+    queue to the tiers without their being counted twice or missed.
+    """
+    conditions = [f"{_RAW_COLUMN[name]} = {where.param(value)}"
+                  for name, value in _active_filters(flt).items()]
+    conditions.append(rollup.where)
+    filters = " AND ".join(conditions)
+    columns = ", ".join(rollup.row_columns)
+    branches = []
+    for piece in split_window(since, until, coarsest=coarsest):
+        start, end = where.param(piece.start), where.param(piece.end)
+        branches.append(f"SELECT {columns} FROM {rollup.tier_table(piece.tier)} "
+                        f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
+    if rollup.deferred and since < until:
+        start, end = where.param(since), where.param(until)
+        branches.append(f"SELECT * FROM ({_sql.queue_rows(rollup)}) AS q({columns}) "
+                        f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
+    if not branches:
+        branches.append(f"SELECT {columns} FROM {rollup.table} WHERE FALSE")
+    return "(" + "\n    UNION ALL ".join(branches) + ") AS r"
+
+
 def _percentile(
     histogram: Sequence[int], count: int, fraction: float, max_ms: float | None
 ) -> float | None:
@@ -292,6 +330,10 @@ class Repository:
         # Days whose partitions we know exist; maintenance and batches keep it current.
         self._known_days: set[date] = set()
         self._partition_lock = asyncio.Lock()
+        # The roll-forward that follows commits: one at a time, run again if asked meanwhile.
+        self.auto_roll_forward = True
+        self._roller: asyncio.Task[None] | None = None
+        self._roll_again = False
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -346,7 +388,14 @@ class Repository:
         )
 
     async def close(self) -> None:
-        """Close the pool, waiting for connections in use to be released."""
+        """Close the pool, waiting for connections in use (and a roll-forward) to finish."""
+        roller = self._roller
+        if roller is not None and not roller.done():
+            self._roll_again = False
+            try:
+                await asyncio.wait_for(asyncio.shield(roller), timeout=10)
+            except (TimeoutError, asyncio.CancelledError):
+                roller.cancel()  # rolled back: its rows stay queued for the next one
         await self._pool.close()
 
     async def __aenter__(self) -> Repository:
@@ -462,6 +511,8 @@ class Repository:
                     # looked up again rather than trusted from the cache.
                     self._known_days.clear()
                     raise
+            if inserted or interim_applied:
+                self._schedule_roll_forward()
         return BatchResult(
             inserted=inserted,
             duplicates=len(good_events) - inserted,
@@ -491,6 +542,62 @@ class Repository:
                 _sql.UPSERT_NODE, report.node_id, report.version, report.started_at,
                 report.last_seen, report.policy_version, report.active_connections,
             )
+
+    # -- rolling the queue forward ---------------------------------------------------------
+
+    def _schedule_roll_forward(self) -> None:
+        """Roll the queue forward in the background, after the caller's commit.
+
+        The batch is acknowledged without waiting: readers add what is still queued, so the
+        rollups' lag never shows. At most one runs per repository; one asked for while
+        another runs runs after it, taking everything queued by then in one go.
+        """
+        if not self.auto_roll_forward:
+            return
+        if self._roller is not None and not self._roller.done():
+            self._roll_again = True
+            return
+        self._roller = asyncio.get_running_loop().create_task(self._roll_in_background())
+
+    async def _roll_in_background(self) -> None:
+        while True:
+            self._roll_again = False
+            try:
+                await self.roll_forward(wait=False)
+            except StorageError as exc:
+                # The next commit or maintenance pass tries again; nothing is lost.
+                _log.warning("rollup roll-forward failed", error=str(exc))
+                return
+            if not self._roll_again:
+                return
+
+    async def roll_forward(self, *, wait: bool = True) -> int:
+        """Move every queued domain and client delta into their minute, hour and day rollups.
+
+        Each chunk is one transaction (DELETE ... RETURNING, then the upserts), so a row is
+        counted in every tier exactly once, whichever of several collectors takes it. Only
+        one roll-forward runs at a time in the whole database: with `wait=False` a busy one
+        means there is nothing to do here (it, or its successor, takes our rows). Returns the
+        queue rows taken.
+        """
+        taken = 0
+        async with self._connection() as connection:
+            while True:
+                async with connection.transaction():
+                    if wait:
+                        await connection.execute(_sql.WAIT_ROLL_FORWARD_LOCK)
+                    elif not await connection.fetchval(_sql.TRY_ROLL_FORWARD_LOCK):
+                        return taken
+                    chunk: int = await connection.fetchval(
+                        _sql.ROLL_FORWARD, _ROLL_FORWARD_CHUNK)
+                taken += chunk
+                if chunk < _ROLL_FORWARD_CHUNK:
+                    return taken
+
+    async def queue_length(self) -> int:
+        """Rows waiting in the rollup queue (for metrics and tests)."""
+        rows = await self._fetch(_sql.QUEUE_LENGTH, ())
+        return int(rows[0][0])
 
     # -- partitions and retention ---------------------------------------------------------
 
@@ -545,9 +652,13 @@ class Repository:
         return tuple(dropped)
 
     async def run_maintenance(self, *, now: datetime | None = None) -> MaintenanceResult:
-        """One maintenance pass: partitions ahead, expired partitions, stale progress rows."""
+        """One maintenance pass: partitions ahead, the rollup queue, expired partitions,
+        stale progress rows."""
         now = now or datetime.now(UTC)
         created = await self.ensure_partitions(now=now)
+        # Before the drop: what is queued for a day about to go is still rolled (and dropped
+        # with it), and a queue left by a crashed writer does not wait for the next batch.
+        await self.roll_forward()
         dropped = await self.drop_expired_partitions(now=now)
         cutoff = _day_start(self._horizon(now)[0])
         async with self._connection() as connection:
@@ -587,11 +698,11 @@ class Repository:
         rollup = _choose_rollup(flt, [_sql.DOMAINS])
         column = "registered_domain" if group == "registered_domain" else "domain"
         if rollup is not None:
-            where = _where(flt, time_column="bucket", since=since, until=until)
+            where = _Where()
             measures = ("sum(connections) AS connections, sum(bytes_in) AS bytes_in, "
                         "sum(bytes_out) AS bytes_out, "
                         "sum(connect_ms_sum) / nullif(sum(connect_count), 0) AS avg_ms")
-            source = rollup.table
+            source = _rollup_source(rollup, flt, since, until, where)
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             measures = ("count(*) AS connections, sum(bytes_in) AS bytes_in, "
@@ -637,9 +748,9 @@ class Repository:
         distinct = ("count(DISTINCT nullif(user_name, ''))" if other == "user_name"
                     else "count(DISTINCT source_ip)")
         if rollup is not None:
-            where = _where(flt, time_column="bucket", since=since, until=until)
+            where = _Where()
             measures = "sum(connections) AS connections"
-            source = rollup.table
+            source = _rollup_source(rollup, flt, since, until, where)
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             measures = "count(*) AS connections"
@@ -684,10 +795,10 @@ class Repository:
         since, until = _window(flt)
         rollup = _choose_rollup(flt, _sql.ROLLUPS)
         if rollup is not None:
-            where = _where(flt, time_column="bucket", since=since, until=until)
+            where = _Where()
+            source = _rollup_source(rollup, flt, since, until, where)
             grouped = (f"SELECT status AS key, sum(connections) AS connections "
-                       f"FROM {rollup.table} WHERE {where.sql} GROUP BY status "
-                       f"HAVING sum(connections) > 0")
+                       f"FROM {source} GROUP BY status HAVING sum(connections) > 0")
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             grouped = (f"SELECT status AS key, count(*) AS connections FROM traffic_logs "
@@ -711,9 +822,10 @@ class Repository:
             )
         rollup = _choose_rollup(flt, _sql.ROLLUPS)
         if rollup is not None:
-            where = _where(flt, time_column="bucket", since=since, until=until)
+            where = _Where()
             time_column, connections = "bucket", "sum(connections)"
-            source = rollup.table
+            source = _rollup_source(rollup, flt, since, until, where,
+                                    coarsest=_COARSEST[interval])
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             time_column, connections = "started_at", "count(*)"
@@ -750,11 +862,11 @@ class Repository:
         since, until = _window(flt)
         rollup = _choose_rollup(flt, candidates)
         if rollup is not None:
-            where = _where(flt, time_column="bucket", since=since, until=until)
+            where = _Where()
             measures = ("coalesce(sum(connect_count), 0) AS n, "
                         "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
                         f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
-            return rollup.table, where, measures
+            return _rollup_source(rollup, flt, since, until, where), where, measures
         where = _where(flt, time_column="started_at", since=since, until=until)
         measures = ("count(connect_ms) AS n, coalesce(sum(connect_ms), 0) AS total_ms, "
                     f"max(connect_ms) AS max_ms, {_sql.HISTOGRAM_FROM_RAW_AS}")
@@ -800,10 +912,10 @@ class Repository:
         rollup = _choose_rollup(flt, _sql.ROLLUPS)
         if rollup is None or inner_since >= inner_until:
             return await self._count_raw(flt, flt.since, flt.until)
-        where = _where(flt, time_column="bucket", since=inner_since, until=inner_until)
+        where = _Where()
+        source = _rollup_source(rollup, flt, inner_since, inner_until, where)
         rows = await self._fetch(
-            f"SELECT coalesce(sum(connections), 0) FROM {rollup.table} WHERE {where.sql}",
-            where.args,
+            f"SELECT coalesce(sum(connections), 0) FROM {source}", where.args,
         )
         middle = int(rows[0][0])
         head = await self._count_raw(flt, flt.since, inner_since)

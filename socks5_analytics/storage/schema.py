@@ -37,4 +37,6 @@ LATENCY_COLUMNS: tuple[str, ...] = tuple(
 # Range-partitioned by UTC day; maintenance creates and drops their partitions together.
 PARTITIONED_TABLES: tuple[str, ...] = (
     "traffic_logs", "rollup_totals", "rollup_domains", "rollup_clients",
+    "rollup_totals_hour", "rollup_totals_day", "rollup_domains_hour", "rollup_domains_day",
+    "rollup_clients_hour", "rollup_clients_day",
 )

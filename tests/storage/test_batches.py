@@ -25,10 +25,15 @@ async def _totals(db: asyncpg.Connection, table: str) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
-async def _assert_rollups(db: asyncpg.Connection, connections: int, bytes_in: int,
-                          bytes_out: int) -> None:
-    for table in ("rollup_totals", "rollup_clients"):
-        assert await _totals(db, table) == (connections, bytes_in, bytes_out), table
+async def _assert_rollups(repo: Repository, db: asyncpg.Connection, connections: int,
+                          bytes_in: int, bytes_out: int) -> None:
+    """Every tier of the totals and client rollups holds the batch's sums, once."""
+    assert await _totals(db, "rollup_totals") == (connections, bytes_in, bytes_out)
+    await repo.roll_forward()
+    assert await repo.queue_length() == 0
+    for family in ("rollup_totals", "rollup_clients"):
+        for table in (family, f"{family}_hour", f"{family}_day"):
+            assert await _totals(db, table) == (connections, bytes_in, bytes_out), table
 
 
 async def test_batch_is_stored_with_every_field(repo: Repository, db: asyncpg.Connection) -> None:
@@ -51,7 +56,7 @@ async def test_same_batch_twice_is_stored_once(repo: Repository, db: asyncpg.Con
     assert (first.inserted, first.duplicates) == (100, 0)
     assert (second.inserted, second.duplicates) == (0, 100)
     assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 100
-    await _assert_rollups(db, 100, sum(range(1, 101)), 100 * 1_000)
+    await _assert_rollups(repo, db, 100, sum(range(1, 101)), 100 * 1_000)
 
 
 async def test_rebatched_events_are_stored_once(repo: Repository, db: asyncpg.Connection) -> None:
@@ -61,7 +66,7 @@ async def test_rebatched_events_are_stored_once(repo: Repository, db: asyncpg.Co
     result = await repo.insert_batch(events=events[3:] + events[3:5], now=NOW)
     assert (result.inserted, result.duplicates) == (4, 5)
     assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 10
-    await _assert_rollups(db, 10, 10 * 50_000, 10 * 1_000)
+    await _assert_rollups(repo, db, 10, 10 * 50_000, 10 * 1_000)
 
 
 async def test_concurrent_copies_of_a_batch_are_stored_once(
@@ -72,7 +77,7 @@ async def test_concurrent_copies_of_a_batch_are_stored_once(
     results = await asyncio.gather(*(repo.insert_batch(events=events, now=NOW) for _ in range(3)))
     assert sum(result.inserted for result in results) == 200
     assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 200
-    await _assert_rollups(db, 200, 200 * 50_000, 200 * 1_000)
+    await _assert_rollups(repo, db, 200, 200 * 50_000, 200 * 1_000)
 
 
 async def test_bad_rows_are_set_aside_and_the_rest_is_written(
@@ -97,7 +102,7 @@ async def test_bad_rows_are_set_aside_and_the_rest_is_written(
     assert "connect_ms" in reasons[bad_latency.event_id]
     stored = {row[0] for row in await db.fetch("SELECT event_id FROM traffic_logs")}
     assert stored == {event.event_id for event in good}
-    await _assert_rollups(db, 3, 3 * 50_000, 3 * 1_000)
+    await _assert_rollups(repo, db, 3, 3 * 50_000, 3 * 1_000)
 
 
 async def test_rows_outside_the_kept_days(repo: Repository, db: asyncpg.Connection) -> None:
@@ -152,7 +157,7 @@ async def test_interim_and_final_in_one_batch(repo: Repository, db: asyncpg.Conn
     report = make_interim(event, at=event.started_at + timedelta(seconds=10), bytes_in=6_000)
     result = await repo.insert_batch(events=[event], interims=[report], now=NOW)
     assert (result.inserted, result.interim_applied) == (1, 1)
-    await _assert_rollups(db, 1, 10_000, 0)
+    await _assert_rollups(repo, db, 1, 10_000, 0)
 
 
 async def test_node_heartbeats_keep_the_newest(repo: Repository) -> None:

@@ -53,13 +53,14 @@ FROM (
 ) AS generated
 """
 
+_TIERS = ",\n".join(storage_sql.with_tiers(rollup, "facts") for rollup in storage_sql.ROLLUPS)
 ROLLUPS_FROM_RAW = f"""
 WITH facts AS (
     SELECT date_trunc('minute', started_at) AS bucket, node_id, source_ip, user_name, domain,
            registered_domain, status, 1 AS connections, bytes_in, bytes_out, connect_ms
     FROM traffic_logs
 ),
-{storage_sql._with_rollups("facts")}
+{_TIERS}
 SELECT 1
 """
 

@@ -95,9 +95,9 @@ async def test_unreachable_database(empty_database_url: str) -> None:
         await upgrade(f"postgresql://postgres@127.0.0.1:{port}/x")
 
 
-def _migration_module() -> ModuleType:
-    path = next((script_location() / "versions").glob("0001_*.py"))
-    spec = importlib.util.spec_from_file_location("migration_0001", path)
+def _migration_module(revision: str = "0001") -> ModuleType:
+    path = next((script_location() / "versions").glob(f"{revision}_*.py"))
+    spec = importlib.util.spec_from_file_location(f"migration_{revision}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -111,7 +111,10 @@ def test_application_constants_match_the_migration() -> None:
     assert set(migration.PROTOCOLS) == app_schema.PROTOCOLS
     assert set(migration.CLOSE_REASONS) == app_schema.CLOSE_REASONS
     assert migration.LATENCY_BUCKETS_MS == app_schema.LATENCY_BUCKETS_MS
-    assert migration.PARTITIONED == app_schema.PARTITIONED_TABLES
+    tiers = _migration_module("0002")
+    assert tiers.LATENCY_BUCKETS_MS == app_schema.LATENCY_BUCKETS_MS
+    assert tiers.OLD_PARTITIONED == migration.PARTITIONED
+    assert set(tiers.PARTITIONED) == set(app_schema.PARTITIONED_TABLES)
 
 
 def test_offline_sql_renders() -> None:
