@@ -44,14 +44,32 @@ class AuthFailed(ProxyError):
 
 
 class HandshakeReader:
-    """Reads handshake messages from a non-blocking socket, keeping any surplus bytes."""
+    """Reads handshake messages from a non-blocking socket, keeping any surplus bytes.
 
-    __slots__ = ("buffer", "loop", "sock")
+    The socket is watched edge-triggered by the node's `Poller`, which calls `on_ready`:
+    a read or write is always tried first, and only EAGAIN waits for the next edge.
+    """
+
+    __slots__ = ("buffer", "loop", "sock", "waiter")
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.loop = loop
         self.buffer = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def on_ready(self, mask: int) -> None:
+        """The poller's handler: wake whoever waits on the socket."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _ready(self) -> None:
+        waiter = self.waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
 
     async def read(self, parse: Callable[[bytearray], tuple[T, int] | None]) -> T:
         """The next message; raise ClientClosed at EOF, WireError if malformed."""
@@ -64,33 +82,31 @@ class HandshakeReader:
             self.buffer += await self.recv()
 
     async def recv(self) -> bytes:
-        """Some bytes, trying the socket before waiting on the loop; ClientClosed at EOF."""
-        try:
-            data = self.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        """Some bytes, waiting for the socket only after EAGAIN; ClientClosed at EOF."""
+        while True:
             try:
-                data = await self.loop.sock_recv(self.sock, _RECV_SIZE)
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                await self._ready()
+                continue
             except OSError as exc:
                 raise ClientClosed(exc.strerror or "reset") from exc
-        except OSError as exc:
-            raise ClientClosed(exc.strerror or "reset") from exc
-        if not data:
-            raise ClientClosed("EOF during handshake")
-        return data
+            if not data:
+                raise ClientClosed("EOF during handshake")
+            return data
 
     async def send(self, data: bytes) -> None:
         """Send a whole reply; handshake replies are tiny, so this rarely waits."""
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            raise ClientClosed(exc.strerror or "reset") from exc
-        if sent < len(data):
+        view = memoryview(data)
+        while view:
             try:
-                await self.loop.sock_sendall(self.sock, data[sent:])
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self._ready()
+                continue
             except OSError as exc:
                 raise ClientClosed(exc.strerror or "reset") from exc
+            view = view[sent:]
 
     def take_surplus(self) -> bytes:
         """Bytes the client sent after its request (to be relayed first)."""

@@ -1,12 +1,13 @@
 """The TCP relay: moves bytes both ways between the client and the destination.
 
-Two independent flows (upload, download), each driven by readiness callbacks on raw
-non-blocking sockets, with flow control: a flow whose destination cannot take more stops
-reading its source until the backlog drains. A flow starts by copying through one shared
-buffer (no allocation per chunk) and, once it has carried `SPLICE_AFTER` bytes, switches to
-`os.splice` through a pipe so bulk data never enters Python. EOF on one side is passed on
-as a half-close (`shutdown(SHUT_WR)`); the relay ends when both flows are done, on a reset,
-or after an idle timeout (a shorter one once half-closed).
+Two independent flows (upload, download) over raw non-blocking sockets, driven by the node's
+edge-triggered `Poller` (each socket registered once), with flow control: a flow whose
+destination cannot take more stops reading its source until the backlog drains, then reads
+again by itself (an edge-triggered source gives no second notice). A flow starts by copying
+through one shared buffer (no allocation per chunk) and, once it has carried `SPLICE_AFTER`
+bytes, switches to `os.splice` through a pipe so bulk data never enters Python. EOF on one
+side is passed on as a half-close (`shutdown(SHUT_WR)`); the relay ends when both flows are
+done, on a reset, or after an idle timeout (a shorter one once half-closed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal
 
 from proxy_node.events import ConnectionRecord
 from proxy_node.limits import TokenBucket
+from proxy_node.poller import READABLE, WRITABLE, Poller
 
 __all__ = ["SPLICE_AFTER", "RelayBuffer", "RelayMode", "TcpRelay", "splice_supported"]
 
@@ -33,7 +35,8 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _RESET_LINGER = struct.pack("ii", 1, 0)
 _RETRY = (BlockingIOError, InterruptedError)
-# Reads per readiness callback before yielding to other connections (4 MiB in copy mode).
+# Reads per turn before yielding to other connections (4 MiB in copy mode); the flow then
+# continues by itself on the next loop iteration.
 _READS_PER_WAKEUP = 16
 
 
@@ -53,7 +56,11 @@ class RelayBuffer:
 
 
 class _Flow:
-    """One direction: read from `src`, write to `dst`."""
+    """One direction: read from `src`, write to `dst`.
+
+    `pull()` moves what `src` has (until EAGAIN, EOF, a full `dst` or the bandwidth cap);
+    `push()` flushes a backlog once `dst` is writable, then pulls again.
+    """
 
     __slots__ = (
         "bucket",
@@ -64,6 +71,7 @@ class _Flow:
         "dst_fd",
         "eof",
         "in_pipe",
+        "paused",
         "pending",
         "pipe_r",
         "pipe_w",
@@ -85,11 +93,30 @@ class _Flow:
         self.pending = b""
         self.eof = False
         self.done = False
+        self.paused = False  # waiting for the bandwidth cap's tokens
         self.splicing = False
         self.pipe_r = -1
         self.pipe_w = -1
         self.in_pipe = 0
         self.bucket: TokenBucket | None = None  # a user's bandwidth cap, if any
+
+    def pull(self) -> None:
+        """Move what the source has, unless this flow is waiting for something."""
+        if self.eof or self.pending or self.in_pipe or self.paused or self.relay.closed:
+            return
+        if self.splicing:
+            self._splice()
+        else:
+            self._copy()
+
+    def push(self) -> None:
+        """The destination became writable: flush the backlog, then read again."""
+        if self.relay.closed:
+            return
+        if self.pending:
+            self._flush()
+        elif self.in_pipe and self._drain_pipe():
+            self._backlog_cleared()
 
     def _allowance(self, wanted: int) -> int:
         """How many bytes the bandwidth cap lets this flow read now (0: it paused)."""
@@ -99,23 +126,25 @@ class _Flow:
         available = bucket.available(time.monotonic())
         if available > 0:
             return min(wanted, available)
-        relay = self.relay
-        relay.loop.remove_reader(self.src_fd)
-        relay.loop.call_later(bucket.wait_time(min(wanted, bucket.burst)), self._resume)
+        self.paused = True
+        self.relay.loop.call_later(bucket.wait_time(min(wanted, bucket.burst)), self._resume)
         return 0
 
     def _resume(self) -> None:
-        if not self.relay.closed and not self.eof and not self.pending and not self.in_pipe:
-            callback = self.on_splice_readable if self.splicing else self.on_readable
-            self.relay.loop.add_reader(self.src_fd, callback)
+        self.paused = False
+        self.pull()
+
+    def _yield_turn(self) -> None:
+        """Read enough for one turn: let other connections run, then go on."""
+        self.relay.loop.call_soon(self.pull)
 
     # -- copy mode ------------------------------------------------------------------------
 
-    def on_readable(self) -> None:
+    def _copy(self) -> None:
         """Read and forward until the socket has nothing left (EAGAIN), an EOF or an error.
 
-        Draining matters: when data and a reset arrive together, the poller may not report
-        the socket again after the data is read, and the reset would go unnoticed.
+        Draining matters twice: the poller is edge-triggered, and when data and a reset
+        arrive together the reset is only seen by reading past the data.
         """
         relay = self.relay
         buffer = relay.buffer
@@ -151,14 +180,13 @@ class _Flow:
             self.count += sent
             if sent < received:
                 self.pending = buffer.view[sent:received].tobytes()
-                relay.loop.remove_reader(self.src_fd)
-                relay.loop.add_writer(self.dst_fd, self.on_writable)
-                return
+                return  # the destination's next writable edge calls push()
             if relay.mode == "auto" and self.count >= SPLICE_AFTER:
                 self._start_splice()
                 return
+        self._yield_turn()
 
-    def on_writable(self) -> None:
+    def _flush(self) -> None:
         relay = self.relay
         try:
             sent = self.dst.send(self.pending)
@@ -173,13 +201,16 @@ class _Flow:
             self.pending = self.pending[sent:]
             return
         self.pending = b""
-        relay.loop.remove_writer(self.dst_fd)
-        if self.eof:
-            self._finish()
-        elif relay.mode == "auto" and self.count >= SPLICE_AFTER:
+        if relay.mode == "auto" and self.count >= SPLICE_AFTER and not self.eof:
             self._start_splice()
         else:
-            relay.loop.add_reader(self.src_fd, self.on_readable)
+            self._backlog_cleared()
+
+    def _backlog_cleared(self) -> None:
+        if self.eof:
+            self._finish()
+        else:
+            self.pull()
 
     # -- splice mode ----------------------------------------------------------------------
 
@@ -188,17 +219,17 @@ class _Flow:
             self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             self.relay.mode = "copy"  # out of file descriptors: keep copying
-            self.relay.loop.add_reader(self.src_fd, self.on_readable)
+            self.pull()
             return
         try:
             fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
             pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe still works
         self.splicing = True
-        self.relay.loop.add_reader(self.src_fd, self.on_splice_readable)
+        self.pull()
 
-    def on_splice_readable(self) -> None:
-        """Splice until the socket has nothing left, an EOF or an error (see on_readable)."""
+    def _splice(self) -> None:
+        """Splice until the socket has nothing left, an EOF or an error (see _copy)."""
         relay = self.relay
         for _ in range(_READS_PER_WAKEUP):
             wanted = self._allowance(_PIPE_SIZE)
@@ -221,20 +252,8 @@ class _Flow:
                 relay.record.first_byte_mono = time.monotonic()
             self.in_pipe += moved
             if not self._drain_pipe():
-                if not relay.closed:
-                    relay.loop.remove_reader(self.src_fd)
-                    relay.loop.add_writer(self.dst_fd, self.on_splice_writable)
-                return
-
-    def on_splice_writable(self) -> None:
-        if not self._drain_pipe():
-            return
-        relay = self.relay
-        relay.loop.remove_writer(self.dst_fd)
-        if self.eof:
-            self._finish()
-        else:
-            relay.loop.add_reader(self.src_fd, self.on_splice_readable)
+                return  # the destination's next writable edge calls push()
+        self._yield_turn()
 
     def _drain_pipe(self) -> bool:
         """Move the pipe's bytes to `dst`; True once the pipe is empty."""
@@ -254,13 +273,14 @@ class _Flow:
 
     def _on_eof(self) -> None:
         self.eof = True
-        self.relay.loop.remove_reader(self.src_fd)
         if self.relay.first_eof is None:
             self.relay.first_eof = self.src
         if not self.pending and not self.in_pipe:
             self._finish()
 
     def _finish(self) -> None:
+        if self.done:
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -280,8 +300,8 @@ class TcpRelay:
 
     __slots__ = (
         "buffer", "client", "closed", "down", "first_eof", "half_close_timeout",
-        "idle_timeout", "last_activity", "loop", "mode", "on_close", "record", "timer", "up",
-        "upstream",
+        "idle_timeout", "last_activity", "loop", "mode", "on_close", "poller", "record",
+        "timer", "up", "upstream",
     )
 
     def __init__(
@@ -291,6 +311,7 @@ class TcpRelay:
         upstream: socket.socket,
         record: ConnectionRecord,
         *,
+        poller: Poller,
         buffer: RelayBuffer,
         mode: RelayMode,
         idle_timeout: float,
@@ -298,6 +319,7 @@ class TcpRelay:
         on_close: Callable[[TcpRelay, str], None],
     ) -> None:
         self.loop = loop
+        self.poller = poller
         self.client = client
         self.upstream = upstream
         self.record = record
@@ -314,8 +336,15 @@ class TcpRelay:
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self, early_data: bytes = b"") -> None:
-        """Begin relaying; `early_data` is what the client pipelined after its request."""
+        """Begin relaying; `early_data` is what the client pipelined after its request.
+
+        Both sources are read at once: edges that came during the handshake were consumed
+        by it and will not be reported again.
+        """
         loop = self.loop
+        self.poller.watch(self.up.src_fd, self._on_client_ready)
+        self.poller.watch(self.down.src_fd, self._on_upstream_ready)
+        self.timer = loop.call_at(self.last_activity + self.idle_timeout, self._on_timer)
         if early_data:
             try:
                 sent = self.upstream.send(early_data)
@@ -327,15 +356,24 @@ class TcpRelay:
             self.up.count += sent
             if sent < len(early_data):
                 self.up.pending = early_data[sent:]
-                loop.add_writer(self.up.dst_fd, self.up.on_writable)
-        for flow in (self.up, self.down):
-            if flow.pending:
-                continue
-            if self.mode == "splice":
-                flow._start_splice()
-            else:
-                loop.add_reader(flow.src_fd, flow.on_readable)
-        self.timer = loop.call_at(self.last_activity + self.idle_timeout, self._on_timer)
+        if self.mode == "splice":
+            self.up._start_splice()
+            self.down._start_splice()
+        else:
+            self.up.pull()
+            self.down.pull()
+
+    def _on_client_ready(self, mask: int) -> None:
+        if mask & READABLE:
+            self.up.pull()
+        if mask & WRITABLE:
+            self.down.push()
+
+    def _on_upstream_ready(self, mask: int) -> None:
+        if mask & READABLE:
+            self.down.pull()
+        if mask & WRITABLE:
+            self.up.push()
 
     def _on_timer(self) -> None:
         half_closed = self.up.done or self.down.done
@@ -371,12 +409,11 @@ class TcpRelay:
         if self.closed:
             return
         self.closed = True
-        loop = self.loop
+        poller = self.poller
         for sock in (self.client, self.upstream):
             fd = sock.fileno()
             if fd >= 0:
-                loop.remove_reader(fd)
-                loop.remove_writer(fd)
+                poller.forget(fd)
             sock.close()
         self.up.close_pipe()
         self.down.close_pipe()

@@ -17,6 +17,7 @@ from typing import Any
 import idna
 
 from proxy_node.errors import ResolutionFailed, UpstreamTimeout, translate_os_error
+from proxy_node.poller import WRITABLE, Poller
 from proxy_node.resolver import Resolver, SockAddr
 from proxy_node.rules import RuleSet
 from proxy_node.wire import AddressType, Request
@@ -80,7 +81,7 @@ class _Deadline:
 
     def __init__(self) -> None:
         self.expired = False
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[int] | None = None
 
     def fire(self) -> None:
         self.expired = True
@@ -88,34 +89,44 @@ class _Deadline:
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Expired())
 
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def wake(self, mask: int) -> None:
+        """The poller's handler while connecting."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(mask)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[Any, ...],
-                   deadline: _Deadline) -> None:
-    """Connect a non-blocking socket, waiting for writability; OSError on failure."""
+                   deadline: _Deadline, poller: Poller) -> None:
+    """Connect a non-blocking socket, left watched by `poller`; OSError on failure."""
     if deadline.expired:
         raise _Expired
     try:
         sock.connect(addr)
-        return
     except (BlockingIOError, InterruptedError):
         pass
-    fd = sock.fileno()
-    waiter = loop.create_future()
-    deadline.waiter = waiter
-    loop.add_writer(fd, _wake, waiter)
-    try:
-        await waiter
-    finally:
-        deadline.waiter = None
-        loop.remove_writer(fd)
+    else:
+        poller.watch(sock.fileno(), deadline.wake)
+        return
+    # Watched only now: registering reports the current state, so an edge that came
+    # before this line is not lost.
+    poller.watch(sock.fileno(), deadline.wake)
+    while True:
+        waiter = deadline.waiter = loop.create_future()
+        try:
+            mask = await waiter
+        finally:
+            deadline.waiter = None
+        if mask & WRITABLE:
+            break
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
+
+
+def _discard(sock: socket.socket, poller: Poller) -> None:
+    poller.forget(sock.fileno())
+    sock.close()
 
 
 async def dial(
@@ -124,10 +135,12 @@ async def dial(
     resolver: Resolver,
     rules: RuleSet,
     timeout: float,
+    poller: Poller,
     command: str = "connect",
 ) -> tuple[socket.socket, str]:
-    """A connected non-blocking TCP socket to `dest` and the IP it is connected to, or an
-    UpstreamError. One timer bounds the connection attempts (not the DNS lookup)."""
+    """A connected non-blocking TCP socket to `dest` (watched by `poller`) and the IP it is
+    connected to, or an UpstreamError. One timer bounds the connection attempts (not the
+    DNS lookup)."""
     loop = asyncio.get_running_loop()
     if dest.is_domain:
         rules.check_domain(command, dest.host, dest.port)  # before any DNS query
@@ -146,20 +159,20 @@ async def dial(
                 if not _NONBLOCK:
                     sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await _connect(loop, sock, addr, deadline)
+                await _connect(loop, sock, addr, deadline, poller)
             except OSError as exc:
-                sock.close()
+                _discard(sock, poller)
                 failure = translate_os_error(exc)
                 continue
             except BaseException:
-                sock.close()
+                _discard(sock, poller)
                 raise
             if family == socket.AF_INET:  # the address text is already canonical
                 return sock, addr[0]
             try:  # IPv6 text comes in many spellings: the kernel's is canonical
                 return sock, plain_ip(sock.getpeername()[0])
             except BaseException:
-                sock.close()
+                _discard(sock, poller)
                 raise
     except _Expired:
         raise UpstreamTimeout(f"no connection within {timeout:g} s") from TimeoutError()

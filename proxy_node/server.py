@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy_node.auth import Authenticator
 from proxy_node.gatekeeper import Admission, Gatekeeper
+from proxy_node.poller import Poller
 from proxy_node.relay import RelayBuffer
 from proxy_node.resolver import Resolver
 from proxy_node.session import Session
@@ -80,6 +81,7 @@ class ProxyServer:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.buffer = RelayBuffer()
+        self.poller = Poller(self.loop, log)
         self.sessions: set[Session] = set()
         self.refused_over_capacity = 0
         self.started_at = time.time()
@@ -121,6 +123,7 @@ class ProxyServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = Session(self, sock, peer, time.monotonic())
+            self.poller.watch(sock.fileno(), session.reader.on_ready)
             if self.tracer is not None:
                 session.span = start_span(self.tracer, session.record)
             source_ip = session.record.source_ip
@@ -219,3 +222,4 @@ class ProxyServer:
         tasks = [s.task for s in self.sessions if s.task is not None and not s.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        self.poller.close()

@@ -57,8 +57,8 @@ class Session:
     """The state of one client connection."""
 
     __slots__ = (
-        "abort_reason", "admission", "denial", "ended", "record", "relay", "server", "sock",
-        "span", "task",
+        "abort_reason", "admission", "denial", "ended", "reader", "record", "relay", "server",
+        "sock", "span", "task",
     )
 
     def __init__(self, server: ProxyServer, sock: socket.socket, peer: tuple[str, int],
@@ -66,6 +66,7 @@ class Session:
         self.server = server
         self.sock = sock
         self.record = ConnectionRecord(plain_ip(peer[0]), peer[1], accepted_mono)
+        self.reader = HandshakeReader(sock, server.loop)  # the server's poller wakes it
         self.task: asyncio.Task[None] | None = None
         self.relay: TcpRelay | None = None
         self.abort_reason: str | None = None
@@ -159,7 +160,7 @@ class Session:
         settings = server.settings
         loop = server.loop
         record = self.record
-        reader = HandshakeReader(self.sock, loop)
+        reader = self.reader
         # One timer for the whole handshake (cheaper than a timeout context per phase).
         timer = loop.call_at(loop.time() + settings.handshake_timeout, self.abort,
                              _HANDSHAKE_TIMEOUT)
@@ -268,7 +269,8 @@ class Session:
         if not dest.is_domain:  # nothing to resolve: this is the address used, even if it fails
             self.record.dest_ip = dest.host
         upstream, connected_ip = await dial(dest, resolver=server.resolver, rules=server.rules,
-                                            timeout=server.settings.connect_timeout)
+                                            timeout=server.settings.connect_timeout,
+                                            poller=server.poller)
         try:
             record = self.record
             record.connected_mono = time.monotonic()
@@ -276,6 +278,7 @@ class Session:
             host, port = upstream.getsockname()[:2]
             await self._succeed(reader, host, port)
         except BaseException:
+            server.poller.forget(upstream.fileno())
             upstream.close()
             raise
         self._start_relay(upstream, reader.take_surplus())
@@ -347,6 +350,7 @@ class Session:
             self.sock,
             upstream,
             self.record,
+            poller=self.server.poller,
             buffer=self.server.buffer,
             mode=settings.relay,
             idle_timeout=settings.idle_timeout,
@@ -368,6 +372,7 @@ class Session:
         if self.ended:
             return
         self.ended = True
+        self.server.poller.forget(self.sock.fileno())
         self.sock.close()
         self.server.session_ended(self)
 

@@ -203,6 +203,40 @@ async def test_bulk_one_way_each(proxy: ProxyProcess, bulk_server: TcpServer) ->
     await _bulk(proxy, bulk_server, up=8 << 20, down=0)
 
 
+@pytest.mark.parametrize("mode", ["copy", "splice"])
+async def test_stalled_readers_on_both_ends(
+    proxy_factory: Callable[..., ProxyProcess], tcp_server: ServerFactory, mode: str
+) -> None:
+    """Backlogs both ways: the destination stops reading while the client uploads, and the
+    client stops reading while the destination answers. With edge-triggered readiness the
+    proxy gets no second notice for bytes it left unread, so both flows must pick up again
+    by themselves once the stalled side reads."""
+    size = 12 << 20
+    data = bytes(memoryview(bulk_data())[:size])
+
+    async def stall_then_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the proxy's send buffer to us fills up meanwhile
+        received = await reader.readexactly(size)
+        writer.write(received)
+        await writer.drain()
+        writer.close()
+
+    server = await tcp_server(stall_then_echo)
+    proxy = proxy_factory({"proxy": {"relay": mode}})
+    tunnel = await proxy.open("127.0.0.1", server.port)
+    async with asyncio.timeout(60):
+        tunnel.writer.write(data)
+        await tunnel.writer.drain()
+        await asyncio.sleep(0.5)  # now the answer backs up in the proxy too
+        echoed = await tunnel.reader.readexactly(size)
+        assert await tunnel.reader.read() == b""
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+    await tunnel.close()
+    event = await proxy.event_for(tunnel.local_port)
+    assert (event["bytes_out"], event["bytes_in"]) == (size, size)
+    assert event["close_reason"] == "destination"
+
+
 # -- half-close -------------------------------------------------------------------------------
 
 async def _answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
