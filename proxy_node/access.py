@@ -11,6 +11,7 @@ ones (refused when none is left), so DNS cannot rebind a name onto a private add
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Literal
@@ -74,6 +75,16 @@ def is_private(address: IPAddress) -> bool:
     return any(plain in network for network in PRIVATE_NETWORKS if network.version == plain.version)
 
 
+# Sources and destinations repeat, and parsing a text address (plus the private-range walk)
+# cost more than the rest of a CONNECT's decision: both are memoized, bounded.
+parse_ip = functools.lru_cache(maxsize=8192)(ipaddress.ip_address)
+
+
+@functools.lru_cache(maxsize=8192)
+def _private_text(address: str) -> bool:
+    return is_private(parse_ip(address))
+
+
 @dataclass(frozen=True, slots=True)
 class _CompiledRule:
     verdict: Verdict
@@ -134,7 +145,7 @@ class AccessRules:
         """Empty whitelist: every source; otherwise the address must be in a listed CIDR."""
         if not self.whitelist:
             return True
-        plain = _plain(ipaddress.ip_address(source_ip))
+        plain = _plain(parse_ip(source_ip))
         return any(plain in net for net in self.whitelist if net.version == plain.version)
 
     def before_resolving(self, command: str, domain: str, port: int) -> Verdict | None:
@@ -169,7 +180,9 @@ class AccessRules:
         self, command: str, domain: str | None, address: str, port: int
     ) -> Verdict:
         """The verdict for connecting to `address` (resolved from `domain`, if any)."""
-        ip = ipaddress.ip_address(address)
+        if not self.rules:
+            return "deny" if self.block_private and _private_text(address) else "allow"
+        ip = parse_ip(address)
         for rule in self.rules:
             if not rule.applies_to(command, port):
                 continue
@@ -179,7 +192,7 @@ class AccessRules:
                 return rule.verdict
             if rule.names_addresses and rule.matches_address(ip):
                 return rule.verdict
-        if self.block_private and is_private(ip):
+        if self.block_private and _private_text(address):
             return "deny"
         return "allow"
 

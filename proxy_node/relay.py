@@ -344,7 +344,7 @@ class TcpRelay:
         loop = self.loop
         self.poller.watch(self.up.src_fd, self._on_client_ready)
         self.poller.watch(self.down.src_fd, self._on_upstream_ready)
-        self.timer = loop.call_at(self.last_activity + self.idle_timeout, self._on_timer)
+        self.timer = loop.call_at(self.last_activity + self._check_every(), self._on_timer)
         if early_data:
             try:
                 sent = self.upstream.send(early_data)
@@ -376,24 +376,28 @@ class TcpRelay:
             self.up.push()
 
     def _on_timer(self) -> None:
+        """Check the idle (or, once half-closed, the shorter half-close) limit.
+
+        The timer fires at least every min(idle, half-close) seconds, so a half-close needs
+        no timer of its own: the next check already applies the shorter limit.
+        """
         half_closed = self.up.done or self.down.done
         limit = self.half_close_timeout if half_closed else self.idle_timeout
         deadline = self.last_activity + limit
-        if self.loop.time() >= deadline:
+        now = self.loop.time()
+        if now >= deadline:
             self.close("idle_timeout")
         else:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.timer = self.loop.call_at(min(deadline, now + self._check_every()),
+                                           self._on_timer)
+
+    def _check_every(self) -> float:
+        return min(self.idle_timeout, self.half_close_timeout)
 
     def flow_done(self) -> None:
         """One direction has ended; close when both have."""
         if self.up.done and self.down.done:
             self.close("client" if self.first_eof is self.client else "destination")
-        elif self.timer is not None:
-            self.timer.cancel()
-            self.timer = self.loop.call_at(
-                self.last_activity + min(self.idle_timeout, self.half_close_timeout),
-                self._on_timer,
-            )
 
     def abort(self, failed: socket.socket) -> None:
         """A socket reported an error: reset the other side too, so it sees no clean EOF."""

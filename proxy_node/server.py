@@ -20,7 +20,7 @@ from proxy_node.gatekeeper import Admission, Gatekeeper
 from proxy_node.poller import Poller
 from proxy_node.relay import RelayBuffer
 from proxy_node.resolver import Resolver
-from proxy_node.session import Session
+from proxy_node.session import HANDSHAKE_TIMEOUT, Session
 from proxy_node.sink import EventSink
 from proxy_node.tracing import end_span, start_span
 from socks5_analytics.config import ProxySettings
@@ -83,6 +83,11 @@ class ProxyServer:
         self.buffer = RelayBuffer()
         self.poller = Poller(self.loop, log)
         self.sessions: set[Session] = set()
+        # Sessions still in their handshake, in accept order, which is also the order of
+        # their deadlines (one timeout for all): the sweep only looks at the front.
+        self.handshaking: dict[Session, None] = {}
+        self._sweep_every = min(1.0, max(0.05, settings.handshake_timeout / 20))
+        self._sweeper: asyncio.TimerHandle | None = None
         self.refused_over_capacity = 0
         self.started_at = time.time()
         self._listener: socket.socket | None = None
@@ -99,6 +104,7 @@ class ProxyServer:
         """Start accepting on `listener`; returns the address it is bound to."""
         self._listener = listener
         self.loop.add_reader(listener.fileno(), self._on_accept)
+        self._sweeper = self.loop.call_later(self._sweep_every, self._expire_handshakes)
         host, port = listener.getsockname()[:2]
         return host, port
 
@@ -131,7 +137,21 @@ class ProxyServer:
             if session.denial is None:
                 session.admission = Admission(source_ip)
             self.sessions.add(session)
+            self.handshaking[session] = None
             session.task = loop.create_task(session.run())
+
+    def _expire_handshakes(self) -> None:
+        """Abort the sessions whose handshake outlived `handshake_timeout`."""
+        horizon = time.monotonic() - self.settings.handshake_timeout
+        expired = []
+        for session in self.handshaking:
+            if session.record.accepted_mono > horizon:
+                break
+            expired.append(session)
+        for session in expired:
+            del self.handshaking[session]
+            session.abort(HANDSHAKE_TIMEOUT)
+        self._sweeper = self.loop.call_later(self._sweep_every, self._expire_handshakes)
 
     def _refuse(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
@@ -205,6 +225,8 @@ class ProxyServer:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, wait up to `grace` seconds for sessions to end, abort the rest."""
         listener, self._listener = self._listener, None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if listener is not None:
             self.loop.remove_reader(listener.fileno())
             listener.close()

@@ -38,7 +38,7 @@ from proxy_node.wire import (
 if TYPE_CHECKING:
     from proxy_node.server import ProxyServer
 
-__all__ = ["Session"]
+__all__ = ["HANDSHAKE_TIMEOUT", "Session"]
 
 _COMMAND_NAMES = {
     Command.CONNECT: "connect",
@@ -46,7 +46,7 @@ _COMMAND_NAMES = {
     Command.UDP_ASSOCIATE: "udp_associate",
 }
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
-_HANDSHAKE_TIMEOUT = "handshake_timeout"
+HANDSHAKE_TIMEOUT = "handshake_timeout"
 _AUTH_FAILURE_REASONS = {"rate_limited": "auth_throttled", "denied_whitelist": "denied"}
 _ANY_METHOD = (AuthMethod.NO_AUTHENTICATION_REQUIRED, AuthMethod.USERNAME_PASSWORD)
 _PASSWORD_ONLY = (AuthMethod.USERNAME_PASSWORD,)
@@ -115,7 +115,7 @@ class Session:
         try:
             await self._run()
         except asyncio.CancelledError:
-            if self.abort_reason == _HANDSHAKE_TIMEOUT:
+            if self.abort_reason == HANDSHAKE_TIMEOUT:
                 record.status = "timeout"
                 record.close_reason = "idle_timeout"
                 self._count_failure("timeout")
@@ -157,13 +157,10 @@ class Session:
 
     async def _run(self) -> None:
         server = self.server
-        settings = server.settings
-        loop = server.loop
         record = self.record
         reader = self.reader
-        # One timer for the whole handshake (cheaper than a timeout context per phase).
-        timer = loop.call_at(loop.time() + settings.handshake_timeout, self.abort,
-                             _HANDSHAKE_TIMEOUT)
+        # The handshake's deadline is kept by the server's sweep (ProxyServer.handshaking),
+        # which is cheaper than a timer per connection.
         try:
             acceptable: tuple[AuthMethod, ...]
             if self.denial is not None:  # answer the request with 0x02, whatever the method
@@ -179,7 +176,7 @@ class Session:
                 await self._reply_failure(reader, exc)
                 raise
         finally:
-            timer.cancel()
+            server.handshaking.pop(self, None)
         record.request_mono = time.monotonic()
         record.command = _COMMAND_NAMES[request.command]
         if request.command == Command.UDP_ASSOCIATE:
