@@ -2,6 +2,7 @@
 """The repository's batch insert against raw binary COPY, and the stats queries at 1 M rows.
 
 Usage: .venv/bin/python bench/storage.py [--runs N] [--quick] [--rows N] [--skip-stats]
+                                         [--skip-inserts]
 
 Part 1, inserts (issue 3's target: insert_batch >= 60 % of raw COPY at the same batch size).
 One throwaway embedded PostgreSQL (non-durable: fsync, synchronous_commit and
@@ -13,12 +14,15 @@ generated events (bench/socksbench/pgdata.py: Zipf domains, clients, users; 93 %
     one call per batch, with the repository's background roll-forward of the queue into the
     domain and client rollups (minute, hour, day) on a second pooled connection, as in a
     collector; timed until the queue is empty again (and, separately, until the last
-    insert_batch returned: the acknowledgement), and
+    insert_batch returned: the acknowledgement),
+  - the same serially on one connection, other fresh rows: insert_batch without the
+    background roll-forward, and a roll-forward after every 10,000 rows and at the end
+    (all the work, none of it overlapped), and
   - raw: asyncpg `copy_records_to_table` of the same rows, pre-built as tuples, into a bare
     copy of traffic_logs (same columns, checks, primary key and three indexes, partitioned
-    by day alike; no dedupe, no rollups), one transaction per batch,
+    by day alike; no dedupe, no rollups), one transaction per batch, one connection,
 
-on one connection each, in alternating order from run to run; then the same batches again
+in an order rotated from run to run; then the same batches again
 through insert_batch (every row a duplicate: the cost of a retried batch). Rows/s medians and
 insert_batch / raw ratios.
 
@@ -54,6 +58,7 @@ from socks5_analytics.storage import Repository, StatsFilter, _sql
 RESULTS = Path(__file__).resolve().parent / "results"
 T0 = time.monotonic()
 BATCH_SIZES = (1_000, 5_000)
+SERIAL_EVERY = 10_000
 
 
 def log(message: str) -> None:
@@ -70,6 +75,9 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
     rng = random.Random(3)
     # Two connections: insert_batch's, and the background roll-forward's.
     repo = await Repository.open(url=url, min_size=2, max_size=2)
+    # One connection, no background work: inserts, then a roll-forward per SERIAL_EVERY rows.
+    serial = await Repository.open(url=url, min_size=1, max_size=1)
+    serial.auto_roll_forward = False
     raw = await asyncpg.connect(url)
     try:
         await repo.ensure_partitions()
@@ -84,6 +92,7 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
             for size in BATCH_SIZES:
                 made = pgdata.events(rows, rng)
                 batches = pgdata.chunks(made, size)
+                serial_batches = pgdata.chunks(pgdata.events(rows, rng), size)
                 tuples = [pgdata.records(batch) for batch in batches]
                 meter = pgdata.LoadMeter([pg_pid])
 
@@ -101,13 +110,32 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                     assert await repo.queue_length() == 0
                     return time.perf_counter() - started
 
-                if run % 2 == 0:
-                    raw_s = await pgdata.raw_copy(raw, tuples)
-                    repo_s = await through_repo()
-                else:
-                    repo_s = await through_repo()
-                    raw_s = await pgdata.raw_copy(raw, tuples)
-                ack_s = acked[0]
+                async def through_serial(batches: list[Any] = serial_batches) -> float:
+                    started = time.perf_counter()
+                    queued = 0
+                    for batch in batches:
+                        result = await serial.insert_batch(events=batch)
+                        assert result.inserted == len(batch), result
+                        queued += len(batch)
+                        if queued >= SERIAL_EVERY:
+                            await serial.roll_forward()
+                            queued = 0
+                    await serial.roll_forward()
+                    return time.perf_counter() - started
+
+                # Rotated from run to run, so drift of the machine hits each alike.
+                order = ["raw", "repo", "serial"]
+                order = order[run % 3:] + order[:run % 3]
+                timed: dict[str, float] = {}
+                for name in order:
+                    if name == "raw":
+                        timed[name] = await pgdata.raw_copy(raw, tuples)
+                    elif name == "repo":
+                        timed[name] = await through_repo()
+                    else:
+                        timed[name] = await through_serial()
+                raw_s, repo_s, serial_s, ack_s = (timed["raw"], timed["repo"], timed["serial"],
+                                                  acked[0])
                 started = time.perf_counter()
                 for batch in batches:
                     result = await repo.insert_batch(events=batch)
@@ -118,23 +146,29 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                 figures = {f"repo_{size}": rows / repo_s, f"raw_{size}": rows / raw_s,
                            f"ratio_{size}": raw_s / repo_s, f"dup_{size}": rows / dup_s,
                            f"ack_{size}": rows / ack_s, f"ack_ratio_{size}": raw_s / ack_s,
+                           f"serial_{size}": rows / serial_s,
+                           f"serial_ratio_{size}": raw_s / serial_s,
                            f"other_cores_{size}": load["other_cores"]}
                 for key, value in figures.items():
                     samples.setdefault(key, []).append(value)
                 log(f"run {run + 1}/{runs} batch {size}: insert_batch "
                     f"{rows / repo_s:,.0f} rows/s, raw COPY {rows / raw_s:,.0f} rows/s, "
-                    f"ratio {raw_s / repo_s:.2f} (acked: {raw_s / ack_s:.2f}); "
+                    f"ratio {raw_s / repo_s:.2f} (acked: {raw_s / ack_s:.2f}, "
+                    f"serial: {raw_s / serial_s:.2f}); "
                     f"duplicates {rows / dup_s:,.0f} rows/s; "
                     f"other load {load['other_cores']:.2f} cores")
     finally:
         await raw.close()
         await repo.close()
+        await serial.close()
 
 
 # -- part 2: stats queries ---------------------------------------------------------------------
 
 # One day's rows, generated in SQL with a skew: rank = floor(n * u^k) puts most rows on the
 # first ranks (u^5 over 20,000 domains: the top 1 % of domains get about 40 % of the rows).
+# Each address belongs to one of 300 users, as in socksbench/pgdata.py (`--independent-users`:
+# a user drawn per connection, u^3, as the first measurements had it).
 FILL_DAY = f"""
 INSERT INTO {_sql.STAGE_TABLE} ({", ".join(_sql.EVENT_COLUMNS)})
 SELECT gen_random_uuid(), 'node-' || (r1 * 4)::int % 4, st,
@@ -149,7 +183,7 @@ FROM (
     SELECT $1::timestamptz - (random() * interval '1 day') AS st,
            -ln(1 - random()) * 3000 AS dur,
            ('10.0.' || (c / 250) || '.' || (c % 250 + 1))::inet AS src,
-           'user' || lpad(u::text, 5, '0') AS usr,
+           'user' || lpad((c * 7 % 300)::text, 5, '0') AS usr,
            'd' || lpad(d::text, 5, '0') || '.example.com' AS dom,
            CASE WHEN s < 0.93 THEN 'ok' WHEN s < 0.95 THEN 'refused'
                 WHEN s < 0.965 THEN 'timeout' WHEN s < 0.98 THEN 'denied_destination'
@@ -157,7 +191,6 @@ FROM (
            r1, r2, r3, r4, r5
     FROM (
         SELECT floor(2000 * power(random(), 4))::int AS c,
-               floor(300 * power(random(), 3))::int AS u,
                floor(20000 * power(random(), 5))::int AS d,
                random() AS s, random() AS r1, random() AS r2, random() AS r3,
                random() AS r4, random() AS r5, g
@@ -167,7 +200,12 @@ FROM (
 """
 
 
-async def fill(url: str, rows: int, now: datetime, days: int = 30) -> float:
+FILL_DAY_INDEPENDENT = FILL_DAY.replace(
+    "(c * 7 % 300)::text", "floor(300 * power(random(), 3))::int::text")
+
+
+async def fill(url: str, rows: int, now: datetime, days: int = 30,
+               independent_users: bool = False) -> float:
     started = time.perf_counter()
     connection = await asyncpg.connect(url, server_settings={"timezone": "UTC"})
     try:
@@ -177,7 +215,8 @@ async def fill(url: str, rows: int, now: datetime, days: int = 30) -> float:
         per_day = rows // days
         for day in range(days):
             async with connection.transaction():
-                await connection.execute(FILL_DAY, now - timedelta(days=day), per_day)
+                await connection.execute(FILL_DAY_INDEPENDENT if independent_users
+                                         else FILL_DAY, now - timedelta(days=day), per_day)
                 inserted = await connection.fetchval(_sql.INSERT_EVENTS)
             assert inserted == per_day, inserted
             while await connection.fetchval(_sql.ROLL_FORWARD, 200_000) == 200_000:
@@ -238,15 +277,17 @@ async def time_stats(url: str, now: datetime, repeats: int, cap_s: float) -> lis
 def insert_table(samples: dict[str, list[float]]) -> str:
     med = {k: statistics.median(v) for k, v in samples.items()}
     lines = ["| Batch size | insert_batch rows/s (rollups up to date) | raw COPY rows/s "
-             "| insert_batch / raw | target | acknowledged rows/s (ratio) "
+             "| insert_batch / raw | target | serial, 1 connection: rows/s (ratio) "
+             "| acknowledged rows/s (ratio) "
              "| resent batch (all duplicates) rows/s | other CPU load (cores) |",
-             "|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for size in BATCH_SIZES:
         ratio = med[f"ratio_{size}"]
         lines.append(
             f"| {size:,} | {report.fmt(med[f'repo_{size}'])} | {report.fmt(med[f'raw_{size}'])} "
             f"| {ratio:.2f} (runs: {', '.join(f'{r:.2f}' for r in samples[f'ratio_{size}'])}) "
             f"| {'met' if ratio >= 0.6 else 'missed'} (>= 0.60) "
+            f"| {report.fmt(med[f'serial_{size}'])} ({med[f'serial_ratio_{size}']:.2f}) "
             f"| {report.fmt(med[f'ack_{size}'])} ({med[f'ack_ratio_{size}']:.2f}) "
             f"| {report.fmt(med[f'dup_{size}'])} | {med[f'other_cores_{size}']:.2f} |")
     return "\n".join(lines)
@@ -272,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows for the stats queries (default 1,000,000, quick 100,000)")
     parser.add_argument("--skip-stats", action="store_true", help="inserts only")
     parser.add_argument("--skip-inserts", action="store_true", help="stats queries only")
+    parser.add_argument("--independent-users", action="store_true",
+                        help="stats data: a user drawn per connection, not one per address")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = args.runs or (1 if args.quick else 5)
@@ -292,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         with pgdata.embedded_postgres() as server:
             now = datetime.now(UTC)
             log(f"stats: generating {stats_rows:,} rows over 30 days")
-            fill_s = asyncio.run(fill(server.dsn, stats_rows, now))
+            fill_s = asyncio.run(fill(server.dsn, stats_rows, now,
+                                      independent_users=args.independent_users))
             log(f"stats: {stats_rows:,} rows written and analyzed in {fill_s:.0f} s")
             stats = asyncio.run(time_stats(server.dsn, now, 3 if args.quick else 5, 10.0))
     meta = {
@@ -303,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "insert_rows": insert_rows,
         "stats_rows": stats_rows,
         "stats_fill_s": fill_s,
+        "independent_users": args.independent_users,
         "loadavg_before": load0,
         "loadavg_after": os.getloadavg(),
         "elapsed_s": round(time.monotonic() - T0, 1),

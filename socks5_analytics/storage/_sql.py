@@ -163,14 +163,18 @@ def queue_rows(rollup: Rollup) -> str:
     histogram = ", ".join(f"coalesce(({condition})::int, 0)::bigint"
                           for condition in _bucket_filters("connect_ms"))
     zeros = ", ".join("0::bigint" for _ in LATENCY_COLUMNS)
+    same = "ended_bucket = started_bucket"
     return (
-        f"SELECT started_bucket, {keys}{extras}, connections::bigint, 0::bigint, 0::bigint, "
+        f"SELECT started_bucket, {keys}{extras}, connections::bigint, "
+        f"CASE WHEN {same} THEN bytes_in ELSE 0 END, "
+        f"CASE WHEN {same} THEN bytes_out ELSE 0 END, "
         f"(connect_ms IS NOT NULL)::int::bigint, coalesce(connect_ms, 0), connect_ms, "
-        f"{histogram} FROM rollup_queue WHERE connections > 0 AND {rollup.where} "
+        f"{histogram} FROM rollup_queue WHERE (connections > 0 OR {same}) AND {rollup.where} "
         f"UNION ALL "
         f"SELECT ended_bucket, {keys}{extras}, 0::bigint, bytes_in, bytes_out, 0::bigint, "
         f"0::double precision, NULL::double precision, {zeros} FROM rollup_queue "
-        f"WHERE (bytes_in > 0 OR bytes_out > 0) AND {rollup.where}"
+        f"WHERE ended_bucket <> started_bucket AND (bytes_in > 0 OR bytes_out > 0) "
+        f"AND {rollup.where}"
     )
 
 
@@ -287,7 +291,8 @@ _DEFERRED_TABLES = ", ".join(f"'{rollup.tier_table(tier)}'" for rollup in ROLLUP
                              if rollup.deferred for tier in TIERS)
 
 # Takes up to $1 queued rows and adds them to every tier of the deferred rollups, all in the
-# caller's transaction: a row is either still queued or in every tier, never both. Facts
+# caller's transaction: a row is either still queued or in every tier, never both. A row
+# whose connection started and ended in one minute is one fact there, else two. Facts
 # dated before the oldest day that every tier still has (retention dropped the day while
 # they were queued) are dropped with their day.
 ROLL_FORWARD = f"""
@@ -309,13 +314,15 @@ kept AS (
 ),
 facts AS (
     SELECT started_bucket AS bucket, source_ip, user_name, domain, registered_domain, status,
-           connections::bigint AS connections, 0::bigint AS bytes_in, 0::bigint AS bytes_out,
-           connect_ms
-    FROM taken WHERE connections > 0 AND started_bucket >= (SELECT since FROM kept)
+           connections::bigint AS connections,
+           CASE WHEN same THEN bytes_in ELSE 0 END AS bytes_in,
+           CASE WHEN same THEN bytes_out ELSE 0 END AS bytes_out, connect_ms
+    FROM (SELECT *, ended_bucket = started_bucket AS same FROM taken) AS t
+    WHERE (connections > 0 OR same) AND started_bucket >= (SELECT since FROM kept)
     UNION ALL
     SELECT ended_bucket, source_ip, user_name, domain, registered_domain, status, 0,
            bytes_in, bytes_out, NULL
-    FROM taken WHERE (bytes_in > 0 OR bytes_out > 0)
+    FROM taken WHERE ended_bucket <> started_bucket AND (bytes_in > 0 OR bytes_out > 0)
                      AND ended_bucket >= (SELECT since FROM kept)
 ),
 {with_tiers(DOMAINS, "facts")},

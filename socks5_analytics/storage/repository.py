@@ -264,8 +264,8 @@ def _rollup_source(
         start, end = where.param(since), where.param(until)
         branches.append(f"SELECT * FROM ({_sql.queue_rows(rollup)}) AS q({columns}) "
                         f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
-    if not branches:
-        branches.append(f"SELECT {columns} FROM {rollup.table} WHERE FALSE")
+    if not branches:  # an empty window; the filters still type their parameters
+        branches.append(f"SELECT {columns} FROM {rollup.table} WHERE FALSE AND {filters}")
     return "(" + "\n    UNION ALL ".join(branches) + ") AS r"
 
 
