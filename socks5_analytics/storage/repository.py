@@ -100,6 +100,10 @@ _INTERVALS: dict[str, timedelta] = {
     "1h": timedelta(hours=1),
     "1d": timedelta(days=1),
 }
+# Latency measures (count, sum, max, histogram) summed over rollup rows.
+_ROLLUP_LATENCY = ("coalesce(sum(connect_count), 0) AS n, "
+                   "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
+                   f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
 # The coarsest tier whose buckets each interval's buckets are made of.
 _COARSEST: dict[str, Tier] = {"1m": "minute", "5m": "minute", "1h": "hour", "1d": "day"}
 # date_bin's origin: buckets of every interval start at whole UTC minutes, hours, days.
@@ -241,7 +245,7 @@ def _choose_rollup(
 
 def _rollup_source(
     rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, where: _Where,
-    *, coarsest: Tier = "day",
+    *, coarsest: Tier = "day", condition: str | None = None,
 ) -> str:
     """A FROM item with `rollup`'s rows for [since, until) that match the filters.
 
@@ -253,6 +257,8 @@ def _rollup_source(
     conditions = [f"{_RAW_COLUMN[name]} = {where.param(value)}"
                   for name, value in _active_filters(flt).items()]
     conditions.append(rollup.where)
+    if condition is not None:
+        conditions.append(condition)
     filters = " AND ".join(conditions)
     columns = ", ".join(rollup.row_columns)
     branches = []
@@ -698,21 +704,23 @@ class Repository:
         rollup = _choose_rollup(flt, [_sql.DOMAINS])
         column = "registered_domain" if group == "registered_domain" else "domain"
         if rollup is not None:
-            where = _Where()
             measures = ("sum(connections) AS connections, sum(bytes_in) AS bytes_in, "
                         "sum(bytes_out) AS bytes_out, "
                         "sum(connect_ms_sum) / nullif(sum(connect_count), 0) AS avg_ms")
-            source = _rollup_source(rollup, flt, since, until, where)
+            rank = ("sum(connections)" if sort == "connections"
+                    else "sum(bytes_in) + sum(bytes_out)")
+            rows, total = await self._ranked(rollup, flt, since, until, column=column,
+                                             rank=rank, measures=measures, limit=limit,
+                                             offset=offset)
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             measures = ("count(*) AS connections, sum(bytes_in) AS bytes_in, "
                         "sum(bytes_out) AS bytes_out, avg(connect_ms) AS avg_ms")
-            source = "traffic_logs"
-        where.add(f"{column} IS NOT NULL")
-        order = "connections" if sort == "connections" else "bytes_in + bytes_out"
-        grouped = (f"SELECT {column} AS key, {measures} FROM {source} WHERE {where.sql} "
-                   f"GROUP BY {column}")
-        rows, total = await self._page(grouped, where, order, limit, offset)
+            where.add(f"{column} IS NOT NULL")
+            order = "connections" if sort == "connections" else "bytes_in + bytes_out"
+            grouped = (f"SELECT {column} AS key, {measures} FROM traffic_logs "
+                       f"WHERE {where.sql} GROUP BY {column}")
+            rows, total = await self._page(grouped, where, order, limit, offset)
         items = tuple(
             DomainStat(
                 domain=row["key"], connections=int(row["connections"]),
@@ -737,6 +745,42 @@ class Repository:
             return rows, 0
         return rows, await self._count_after_end(grouped, where.args[:-2])
 
+    async def _ranked(
+        self, rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, *,
+        column: str, rank: str, measures: str, limit: int, offset: int,
+    ) -> tuple[list[asyncpg.Record], int]:
+        """A page of `column`'s values by `rank` (desc, then the key), with `measures`.
+
+        Ordering a window's keys takes one aggregate over all of them; the other measures
+        (more sums, distinct counts, fourteen histogram buckets) are computed afterwards for
+        the page's keys only. Both statements read one repeatable-read snapshot, so they
+        agree with each other as a single statement would.
+        """
+        first = _Where()
+        source = _rollup_source(rollup, flt, since, until, first)
+        grouped = (f"SELECT {column} AS key, {rank} AS rank FROM {source} "
+                   f"WHERE {column} IS NOT NULL GROUP BY {column}")
+        limit_p, offset_p = first.param(limit), first.param(offset)
+        page = (f"SELECT *, count(*) OVER () AS total FROM ({grouped}) AS g "
+                f"ORDER BY rank DESC, key LIMIT {limit_p} OFFSET {offset_p}")
+        async with self._connection() as connection, connection.transaction(
+                isolation="repeatable_read", readonly=True):
+            ranked = await connection.fetch(page, *first.args)
+            if not ranked:
+                if offset == 0:
+                    return [], 0
+                total: int = await connection.fetchval(
+                    f"SELECT count(*) FROM ({grouped}) AS q", *first.args[:-2])
+                return [], total
+            second = _Where()
+            keys = second.param([row["key"] for row in ranked])
+            source = _rollup_source(rollup, flt, since, until, second,
+                                    condition=f"{column} = ANY({keys})")
+            details = {row["key"]: row for row in await connection.fetch(
+                f"SELECT {column} AS key, {measures} FROM {source} GROUP BY {column}",
+                *second.args)}
+        return [details[row["key"]] for row in ranked], int(ranked[0]["total"])
+
     async def _clients(
         self, *, flt: StatsFilter, by: Literal["source_ip", "user_name"],
         sort: Literal["connections", "bytes"], limit: int, offset: int,
@@ -747,19 +791,21 @@ class Repository:
         # Unauthenticated connections have the user name '': it is no user to count.
         distinct = ("count(DISTINCT nullif(user_name, ''))" if other == "user_name"
                     else "count(DISTINCT source_ip)")
+        rest = (f"sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out, "
+                f"{distinct} AS distinct_count")
         if rollup is not None:
-            where = _Where()
-            measures = "sum(connections) AS connections"
-            source = _rollup_source(rollup, flt, since, until, where)
+            rank = ("sum(connections)" if sort == "connections"
+                    else "sum(bytes_in) + sum(bytes_out)")
+            rows, total = await self._ranked(
+                rollup, flt, since, until, column=by, rank=rank,
+                measures=f"sum(connections) AS connections, {rest}", limit=limit,
+                offset=offset)
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
-            measures = "count(*) AS connections"
-            source = "traffic_logs"
-        grouped = (f"SELECT {by} AS key, {measures}, sum(bytes_in) AS bytes_in, "
-                   f"sum(bytes_out) AS bytes_out, {distinct} AS distinct_count "
-                   f"FROM {source} WHERE {where.sql} GROUP BY {by}")
-        order = "connections" if sort == "connections" else "bytes_in + bytes_out"
-        rows, total = await self._page(grouped, where, order, limit, offset)
+            grouped = (f"SELECT {by} AS key, count(*) AS connections, {rest} "
+                       f"FROM traffic_logs WHERE {where.sql} GROUP BY {by}")
+            order = "connections" if sort == "connections" else "bytes_in + bytes_out"
+            rows, total = await self._page(grouped, where, order, limit, offset)
         items = tuple(
             ClientStat(
                 key=str(row["key"]), connections=int(row["connections"]),
@@ -863,10 +909,7 @@ class Repository:
         rollup = _choose_rollup(flt, candidates)
         if rollup is not None:
             where = _Where()
-            measures = ("coalesce(sum(connect_count), 0) AS n, "
-                        "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
-                        f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
-            return _rollup_source(rollup, flt, since, until, where), where, measures
+            return _rollup_source(rollup, flt, since, until, where), where, _ROLLUP_LATENCY
         where = _where(flt, time_column="started_at", since=since, until=until)
         measures = ("count(connect_ms) AS n, coalesce(sum(connect_ms), 0) AS total_ms, "
                     f"max(connect_ms) AS max_ms, {_sql.HISTOGRAM_FROM_RAW_AS}")
@@ -889,11 +932,19 @@ class Repository:
         self, *, flt: StatsFilter, limit: int = 10, offset: int = 0
     ) -> Page[DomainLatency]:
         """Connect latency per destination domain, the most measured domains first."""
-        source, where, measures = self._latency_source(flt, [_sql.DOMAINS])
-        where.add("domain IS NOT NULL")
-        grouped = (f"SELECT domain AS key, {measures} FROM {source} WHERE {where.sql} "
-                   "GROUP BY domain")
-        rows, total = await self._page(grouped, where, "n", limit, offset)
+        since, until = _window(flt)
+        rollup = _choose_rollup(flt, [_sql.DOMAINS])
+        if rollup is not None:
+            rows, total = await self._ranked(
+                rollup, flt, since, until, column="domain",
+                rank="coalesce(sum(connect_count), 0)", measures=_ROLLUP_LATENCY,
+                limit=limit, offset=offset)
+        else:
+            source, where, measures = self._latency_source(flt, [_sql.DOMAINS])
+            where.add("domain IS NOT NULL")
+            grouped = (f"SELECT domain AS key, {measures} FROM {source} "
+                       f"WHERE {where.sql} GROUP BY domain")
+            rows, total = await self._page(grouped, where, "n", limit, offset)
         items = tuple(DomainLatency(domain=row["key"],
                                     latency=self._latency_from_row(row, first_bucket=4))
                       for row in rows)

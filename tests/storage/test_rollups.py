@@ -364,6 +364,31 @@ async def test_tiered_queries_equal_the_minute_model(seed: int, repo: Repository
                          key=lambda k: (-expected_domains[k].connections, k))
         assert [d.domain for d in domains.items] == ordered
 
+        # Pages of the same order, and a page past the end, which still knows the total.
+        page = await repo.top_domains(flt=flt, limit=3, offset=3)
+        assert [(d.domain, d.connections, d.bytes_total) for d in page.items] == [
+            (d.domain, d.connections, d.bytes_total) for d in domains.items[3:6]]
+        assert page.total == domains.total
+        beyond = await repo.top_domains(flt=flt, limit=3, offset=5000)
+        assert beyond.items == () and beyond.total == domains.total
+
+        by_domain = await repo.latency_by_domain(flt=flt, limit=1000)
+        assert [(d.domain, d.latency.count, d.latency.max_ms,
+                 [b.count for b in d.latency.histogram]) for d in by_domain.items] == [
+            (k, m.connect_count, m.connect_ms_max, m.histogram)
+            for k, m in sorted(expected_domains.items(),
+                               key=lambda item: (-item[1].connect_count, item[0]))]
+
+        users = await repo.top_users(flt=flt, limit=1000)
+        expected_users = _grouped(client_rows, at=2)
+        sources_per_user: dict[str, set[Any]] = defaultdict(set)
+        for key, _ in client_rows:
+            sources_per_user[key[2]].add(key[1])
+        assert [(u.key, u.connections, u.distinct) for u in users.items] == [
+            (k, m.connections, len(sources_per_user[k]))
+            for k, m in sorted(expected_users.items(),
+                               key=lambda item: (-item[1].connections, item[0]))]
+
         sources = await repo.top_source_ips(flt=flt, sort="bytes", limit=1000)
         expected_sources = _grouped(client_rows, at=1)
         users_per_source: dict[Any, set[str]] = defaultdict(set)
