@@ -8,7 +8,6 @@ file, never a proxied byte.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
@@ -112,10 +111,7 @@ class JsonLinesSink:
             closing = self._closed
             batch = self._swap()
             if batch:
-                lines = "".join(
-                    json.dumps(event.to_json_dict()) + "\n"
-                    for event in batch
-                )
+                lines = "".join([event.to_json_line() for event in batch])
                 try:
                     os.write(self._fd, lines.encode())
                 except OSError as exc:

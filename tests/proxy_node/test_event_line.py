@@ -1,0 +1,58 @@
+"""The JSON-lines sink's hand-built line says exactly what the json module would say."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy_node.events import ConnectionEvent, ConnectionRecord
+
+_text = st.text(max_size=40)
+_optional_text = st.none() | _text
+_optional_ms = st.none() | st.floats(min_value=0, max_value=1e9, allow_nan=False)
+_moment = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+                       timezones=st.just(UTC))
+
+
+@given(
+    node_id=_text, user=_text, dest_host=_optional_text, domain=_optional_text,
+    dest_ip=st.none() | st.ip_addresses().map(str), dest_port=st.none() | st.integers(0, 65535),
+    reply_code=st.none() | st.integers(0, 8), connect_ms=_optional_ms, ttfb_ms=_optional_ms,
+    duration_ms=st.floats(min_value=0, max_value=1e9, allow_nan=False),
+    bytes_out=st.integers(0, 2**63 - 1), bytes_in=st.integers(0, 2**63 - 1),
+    trace_id=st.none() | st.text("0123456789abcdef", min_size=32, max_size=32),
+    started=_moment, event_id=st.uuids(),
+)
+def test_line_equals_the_json_modules_encoding(
+    node_id: str, user: str, dest_host: str | None, domain: str | None, dest_ip: str | None,
+    dest_port: int | None, reply_code: int | None, connect_ms: float | None,
+    ttfb_ms: float | None, duration_ms: float, bytes_out: int, bytes_in: int,
+    trace_id: str | None, started: datetime, event_id: uuid.UUID,
+) -> None:
+    event = ConnectionEvent(
+        event_id, node_id, started, started + timedelta(milliseconds=duration_ms // 1),
+        "2001:db8::1", 40000, user, "connect", "tcp", dest_host, domain, dest_ip, dest_port,
+        None, "ok", reply_code, "client", connect_ms, ttfb_ms, duration_ms, bytes_out,
+        bytes_in, trace_id, "00f067aa0ba902b7",
+    )
+    line = event.to_json_line()
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert line.isascii()
+    assert json.loads(line) == event.to_json_dict()
+    assert line == json.dumps(event.to_json_dict()) + "\n"
+
+
+def test_a_finished_record_round_trips() -> None:
+    record = ConnectionRecord("10.0.0.7", 51000, 100.0)
+    record.status, record.reply_code, record.dest_port = "refused", 5, 443
+    record.request_mono, record.connected_mono = 100.001, 100.0035
+    event = record.finish(node_id="node-a", now_mono=100.25)
+    decoded = json.loads(event.to_json_line())
+    assert decoded["status"] == "refused" and decoded["reply_code"] == 5
+    assert decoded["connect_ms"] == 2.5 and decoded["duration_ms"] == 250.0
+    assert decoded["registered_domain"] is None and "span_id" not in decoded
+    assert decoded == event.to_json_dict()
