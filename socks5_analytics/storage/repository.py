@@ -556,7 +556,9 @@ class Repository:
 
         The batch is acknowledged without waiting: readers add what is still queued, so the
         rollups' lag never shows. At most one runs per repository; one asked for while
-        another runs runs after it, taking everything queued by then in one go.
+        another runs runs after it, taking everything queued by then in one go. It waits
+        for another process's roll-forward rather than skip: that one may have started
+        before our commit, and nothing else would take our rows until the next batch.
         """
         if not self.auto_roll_forward:
             return
@@ -569,7 +571,7 @@ class Repository:
         while True:
             self._roll_again = False
             try:
-                await self.roll_forward(wait=False)
+                await self.roll_forward()
             except StorageError as exc:
                 # The next commit or maintenance pass tries again; nothing is lost.
                 _log.warning("rollup roll-forward failed", error=str(exc))

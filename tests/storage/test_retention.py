@@ -99,3 +99,25 @@ async def test_the_maintenance_loop_runs_until_stopped(repo: Repository,
     stop.set()
     async with asyncio.timeout(10):
         await task
+
+
+async def test_queued_deltas_of_a_dropped_day_go_with_it(database_url: str,
+                                                         db: asyncpg.Connection) -> None:
+    """Retention may drop a day whose domain and client deltas are still queued (a batch
+    committed between a maintenance pass's roll-forward and its drop): the next
+    roll-forward drops them too instead of failing on the missing partitions forever."""
+    repo = await Repository.open(url=database_url, retention_days=2)
+    repo.auto_roll_forward = False
+    try:
+        old, recent = NOW - timedelta(days=4), NOW - timedelta(hours=1)
+        await repo.insert_batch(events=[make_event(started_at=old)], now=old)
+        await repo.insert_batch(events=[make_event(started_at=recent, bytes_in=7)], now=NOW)
+        assert await repo.queue_length() == 2
+        await repo.drop_expired_partitions(now=NOW)
+        assert await repo.roll_forward() == 2
+        assert await repo.queue_length() == 0
+        for tier in ("rollup_clients", "rollup_clients_hour", "rollup_clients_day"):
+            assert await db.fetchrow(
+                f"SELECT sum(connections), sum(bytes_in) FROM {tier}") == (1, 7), tier
+    finally:
+        await repo.close()
