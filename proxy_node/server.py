@@ -91,6 +91,7 @@ class ProxyServer:
         self.refused_over_capacity = 0
         self.started_at = time.time()
         self._listener: socket.socket | None = None
+        self._family = int(socket.AF_INET)
         self._drained: asyncio.Event | None = None
         self._last_refusal_log = 0.0
         self._last_throttle_log = 0.0
@@ -103,6 +104,7 @@ class ProxyServer:
     def serve(self, listener: socket.socket) -> tuple[str, int]:
         """Start accepting on `listener`; returns the address it is bound to."""
         self._listener = listener
+        self._family = int(listener.family)
         self.loop.add_reader(listener.fileno(), self._on_accept)
         self._sweeper = self.loop.call_later(self._sweep_every, self._expire_handshakes)
         host, port = listener.getsockname()[:2]
@@ -114,15 +116,18 @@ class ProxyServer:
             return
         cap = min(self.settings.max_connections, self.rules.max_connections)
         loop = self.loop
+        family = self._family
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, peer = listener.accept()
+                # The raw accept: socket.accept() converts the family to an enum per call.
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in _FD_EXHAUSTED:
                     self._pause_accepting(exc)
                 return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             if len(self.sessions) >= cap:
                 self._refuse(sock)
                 continue

@@ -218,7 +218,7 @@ def _parse_address(
         end = offset + 1 + 4 + 2
         if len(data) < end:
             return None
-        host = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
+        host = socket.inet_ntop(socket.AF_INET, bytes(data[offset + 1 : offset + 5]))
     elif atyp == AddressType.IPV6:
         end = offset + 1 + 16 + 2
         if len(data) < end:
