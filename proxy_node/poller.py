@@ -47,14 +47,21 @@ class Poller:
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def watch(self, fd: int, handler: Handler) -> None:
-        """Deliver `fd`'s readiness to `handler` (replacing any earlier one, no syscall)."""
-        handlers = self._handlers
-        if fd not in handlers:
-            try:
-                self._epoll.register(fd, _MASK)
-            except FileExistsError:  # watched before and forgotten without a close
-                self._epoll.modify(fd, _MASK)
-        handlers[fd] = handler
+        """Register a socket that was just accepted, connected or opened, for `handler`.
+
+        Always asks the kernel (a stale entry for a reused descriptor number must not
+        leave a new socket unwatched)."""
+        try:
+            self._epoll.register(fd, _MASK)
+        except FileExistsError:  # watched before and forgotten without a close
+            self._epoll.modify(fd, _MASK)
+        self._handlers[fd] = handler
+
+    def redirect(self, fd: int, handler: Handler) -> None:
+        """Deliver a watched socket's readiness to another handler (no syscall)."""
+        if fd not in self._handlers:
+            raise KeyError(f"descriptor {fd} is not watched")
+        self._handlers[fd] = handler
 
     def forget(self, fd: int) -> None:
         """Stop delivering `fd`'s readiness; call it just before closing the socket, whose

@@ -342,8 +342,8 @@ class TcpRelay:
         by it and will not be reported again.
         """
         loop = self.loop
-        self.poller.watch(self.up.src_fd, self._on_client_ready)
-        self.poller.watch(self.down.src_fd, self._on_upstream_ready)
+        self.poller.redirect(self.up.src_fd, self._on_client_ready)  # both already watched
+        self.poller.redirect(self.down.src_fd, self._on_upstream_ready)
         self.timer = loop.call_at(self.last_activity + self._check_every(), self._on_timer)
         if early_data:
             try:

@@ -300,12 +300,14 @@ class Session:
             )
         finally:
             listener.close()
+        server.poller.watch(inbound.fileno(), _ignore)  # the relay takes it over
         try:
             server.rules.check_destination("bind", peer_ip, peer_ip, peer_port)
             record.connected_mono = time.monotonic()
             record.dest_ip, record.dest_port = peer_ip, peer_port
             await self._succeed(reader, peer_ip, peer_port)
         except BaseException:
+            server.poller.forget(inbound.fileno())
             inbound.close()
             raise
         self._start_relay(inbound, reader.take_surplus())
@@ -372,6 +374,10 @@ class Session:
         self.server.poller.forget(self.sock.fileno())
         self.sock.close()
         self.server.session_ended(self)
+
+
+def _ignore(mask: int) -> None:
+    """A watched socket's handler until its relay starts (which reads it at once)."""
 
 
 async def _until_closed(reader: HandshakeReader) -> None:

@@ -67,15 +67,17 @@ async def test_one_edge_per_arrival_not_per_byte_left(pair: tuple[socket.socket,
     assert len(masks) == 2
 
 
-async def test_watch_again_replaces_the_handler(pair: tuple[socket.socket, socket.socket]
-                                                ) -> None:
+async def test_redirect_replaces_the_handler(pair: tuple[socket.socket, socket.socket]
+                                             ) -> None:
     left, right = pair
     poller = Poller(asyncio.get_running_loop())
     first: list[int] = []
     second: list[int] = []
+    with pytest.raises(KeyError):
+        poller.redirect(left.fileno(), second.append)  # not watched yet
     poller.watch(left.fileno(), first.append)
     await _settle()
-    poller.watch(left.fileno(), second.append)
+    poller.redirect(left.fileno(), second.append)
     first.clear()
     right.send(b"x")
     await _settle()
@@ -96,6 +98,8 @@ async def test_forgotten_sockets_are_not_reported(pair: tuple[socket.socket, soc
     await _settle()
     assert not masks
     poller.watch(left.fileno(), masks.append)  # still registered in the kernel: no error
+    await _settle()
+    masks.clear()
     right.send(b"y")
     await _settle()
     poller.close()
@@ -144,3 +148,31 @@ async def test_a_failing_handler_does_not_lose_the_other_edges() -> None:
             right.close()
     assert sorted(seen) == sorted(fds[1:])
     assert fds[0] in log.failures
+
+
+async def test_a_reused_descriptor_number_is_watched_again() -> None:
+    """A socket closed without forget() leaves a stale handler; the next socket that gets the
+    same descriptor number must still be registered with the kernel."""
+    poller = Poller(asyncio.get_running_loop())
+    stale: list[int] = []
+    fresh: list[int] = []
+    left, right = socket.socketpair()
+    number = left.fileno()
+    poller.watch(number, stale.append)
+    left.close()  # the kernel drops the registration; the poller still has the handler
+    right.close()
+    left, right = socket.socketpair()
+    try:
+        if left.fileno() != number:
+            left, right = right, left
+        assert left.fileno() == number, "the descriptor number was not reused"
+        left.setblocking(False)
+        poller.watch(number, fresh.append)
+        right.send(b"x")
+        await _settle()
+    finally:
+        poller.close()
+        left.close()
+        right.close()
+    assert fresh and fresh[-1] & READABLE
+    assert not stale
