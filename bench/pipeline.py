@@ -451,8 +451,13 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                     order = ["raw", "pipeline"] if number % 2 == 0 else ["pipeline", "raw"]
                     for part in order:
                         if part == "raw":
+                            pg0 = _cpu(pg_pid)
                             rate = asyncio.run(raw_limit(url, sizes.raw_rows, rng))
                             add("raw_copy", rate)
+                            # PostgreSQL's own cost of a row, for comparison with the
+                            # pipeline's (which adds the dedup insert and the rollups)
+                            add("raw_postgres_us_per_row",
+                                (_cpu(pg_pid) - pg0) / sizes.raw_rows * 1e6)
                         else:
                             tag = f"tp{number}"
                             cpu0 = (tree_cpu_seconds(collector.pid), _cpu(pg_pid))
@@ -564,6 +569,8 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
             f"(runs: {_runs(samples['collector_us_per_event'], '.1f')}) | | |",
             f"| PostgreSQL CPU per event | {med['postgres_us_per_event']:.1f} µs "
             f"(runs: {_runs(samples['postgres_us_per_event'], '.1f')}) | | |",
+            f"| PostgreSQL CPU per row, raw COPY | {med['raw_postgres_us_per_row']:.1f} µs "
+            f"(runs: {_runs(samples['raw_postgres_us_per_row'], '.1f')}) | | |",
         ]
         load.append(f"{med.get('other_cores_throughput', 0):.2f} cores during throughput")
     delay = result.get("delay")
