@@ -72,14 +72,31 @@ class HandshakeReader:
             self.waiter = None
 
     async def read(self, parse: Callable[[bytearray], tuple[T, int] | None]) -> T:
-        """The next message; raise ClientClosed at EOF, WireError if malformed."""
+        """The next message; raise ClientClosed at EOF, WireError if malformed.
+
+        The socket read is inlined rather than delegated to `recv()`: one coroutine less
+        per message, three per connection."""
+        buffer = self.buffer
         while True:
-            parsed = parse(self.buffer)
+            parsed = parse(buffer)
             if parsed is not None:
                 message, used = parsed
-                del self.buffer[:used]
+                del buffer[:used]
                 return message
-            self.buffer += await self.recv()
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                waiter = self.waiter = self.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self.waiter = None
+                continue
+            except OSError as exc:
+                raise ClientClosed(exc.strerror or "reset") from exc
+            if not data:
+                raise ClientClosed("EOF during handshake")
+            buffer += data
 
     async def recv(self) -> bytes:
         """Some bytes, waiting for the socket only after EAGAIN; ClientClosed at EOF."""
