@@ -128,3 +128,52 @@ def test_offline_sql_renders() -> None:
     assert result.returncode == 0, result.stderr
     assert "CREATE TABLE traffic_logs" in result.stdout
     assert "PARTITION BY RANGE (started_at)" in result.stdout
+
+
+async def test_0002_keeps_the_history_of_a_deployed_0001(empty_database_url: str) -> None:
+    """Upgrading fills the hour and day tiers from the minute rollups already there;
+    downgrading puts what is still queued into the minute rollups 0001's code reads."""
+    await upgrade(empty_database_url, "0001")
+    connection = await asyncpg.connect(empty_database_url, server_settings={"timezone": "UTC"})
+    try:
+        await connection.execute("SELECT s5a_create_day_partitions('2026-03-09', '2026-03-10')")
+        for bucket, n in (("2026-03-09 23:59", 2), ("2026-03-10 00:01", 3),
+                          ("2026-03-10 00:59", 5), ("2026-03-10 01:00", 7)):
+            await connection.execute(
+                "INSERT INTO rollup_domains (bucket, domain, registered_domain, status, "
+                "connections, bytes_in, connect_count, connect_ms_sum, connect_ms_max, lat_le_5) "
+                "VALUES ($1::text::timestamptz, 'a.example', 'example', 'ok', $2::bigint, "
+                "$2 * 10, $2, $2, $2, $2)", bucket, n)
+        await upgrade(empty_database_url)
+        day = await connection.fetch(
+            "SELECT bucket::text, connections, bytes_in, connect_ms_max, lat_le_5, "
+            "registered_domain FROM rollup_domains_day ORDER BY 1")
+        assert [tuple(row) for row in day] == [
+            ("2026-03-09 00:00:00+00", 2, 20, 2.0, 2, "example"),
+            ("2026-03-10 00:00:00+00", 15, 150, 7.0, 15, "example")]
+        hour = await connection.fetch(
+            "SELECT bucket::text, connections FROM rollup_domains_hour ORDER BY 1")
+        assert [tuple(row) for row in hour] == [
+            ("2026-03-09 23:00:00+00", 2), ("2026-03-10 00:00:00+00", 8),
+            ("2026-03-10 01:00:00+00", 7)]
+
+        # A delta still queued at the downgrade: its connection in one minute, bytes in the next.
+        await connection.execute(
+            "INSERT INTO rollup_queue (started_bucket, ended_bucket, source_ip, user_name, "
+            "domain, registered_domain, status, connections, connect_ms, bytes_in, bytes_out) "
+            "VALUES ('2026-03-10 00:01', '2026-03-10 00:02', '192.0.2.1', 'alice', "
+            "'a.example', 'example', 'ok', 1, 3.0, 100, 10)")
+        await downgrade(empty_database_url, "0001")
+        minutes = await connection.fetch(
+            "SELECT bucket::text, connections, bytes_in, lat_le_5 FROM rollup_domains "
+            "WHERE bucket >= '2026-03-10 00:01' AND bucket < '2026-03-10 00:03' ORDER BY 1")
+        assert [tuple(row) for row in minutes] == [
+            ("2026-03-10 00:01:00+00", 4, 30, 4), ("2026-03-10 00:02:00+00", 0, 100, 0)]
+        clients = await connection.fetch(
+            "SELECT bucket::text, source_ip::text, connections, bytes_out FROM rollup_clients "
+            "ORDER BY 1")
+        assert [tuple(row) for row in clients] == [
+            ("2026-03-10 00:01:00+00", "192.0.2.1/32", 1, 0),
+            ("2026-03-10 00:02:00+00", "192.0.2.1/32", 0, 10)]
+    finally:
+        await connection.close()
