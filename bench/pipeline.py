@@ -503,6 +503,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                 made_on = 0
                 before_rows = asyncio.run(count_rows(url, "%"))
                 pipeline_cores: dict[str, list[float]] = {}
+                lag: dict[str, list[int]] = {}
                 with generator.running_target() as target:
                     for number in range(sizes.conn_runs):
                         # every mode first, second and last in turn
@@ -512,13 +513,20 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                             if name == "on-nice":
                                 renice([collector.pid, pg_pid], 19)
                             meter = pgdata.LoadMeter([pg_pid, collector.pid])
+                            rows0 = asyncio.run(count_rows(url, "%"))
                             try:
                                 made = conn_rate(name, modes[name], target, sizes.conn, number,
                                                  out, workroot / f"conn-{number}-{name}")
                             finally:
                                 used = meter.stop()
+                                # committed by the time the proxy had exited: a niced pipeline
+                                # that fell behind would show here, not hide after the run
+                                arrived = asyncio.run(count_rows(url, "%")) - rows0
                                 if name == "on-nice":
                                     renice([collector.pid, pg_pid], 0)
+                            if name != "off":
+                                # +1: the harness's readiness probe is a connection too
+                                lag.setdefault(name, []).append(made + 1 - arrived)
                             # the collector's and PostgreSQL's share of the machine (the
                             # meter's "ours" also counts this process, idle meanwhile)
                             pipeline_cores.setdefault(name, []).append(used["ours_cores"])
@@ -533,6 +541,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                 after_rows = asyncio.run(count_rows(url, "%"))
                 extra["conn"] = {"samples": out.samples, "notes": out.notes, "caps": out.caps,
                                  "pipeline_cores": pipeline_cores,
+                                 "rows_missing_at_exit": lag,
                                  "connections_with_pipeline": made_on,
                                  "rows_from_proxy": after_rows - before_rows,
                                  "background": [e.get("background_cores") for e in out.raw]}
@@ -606,6 +615,10 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
                 cost = 1 - conn[mode] / conn["off"]
                 lines.append(f"| Pipeline's cost to the conn rate, {label} | {cost * 100:.1f} % "
                              f"| < 10 % | {'yes' if cost < 0.10 else 'no'} |")
+        for mode, missing in conn_result.get("rows_missing_at_exit", {}).items():
+            lines.append(f"| Rows not yet committed when the proxy had exited, {mode} | "
+                         f"{_runs([float(m) for m in missing], '.0f')} | 0 | "
+                         f"{'yes' if not any(missing) else 'no'} |")
         if cpu:
             lines.append("| Proxy CPU per connection, " + " / ".join(cpu) + " | "
                          + " / ".join(f"{v:.0f}" for v in cpu.values()) + " µs | | |")
