@@ -15,6 +15,7 @@ from typing import TypeVar
 from proxy_node.auth import choose_method
 from proxy_node.errors import ProxyError
 from proxy_node.events import ConnectionRecord
+from proxy_node.poller import CLOSING
 from proxy_node.wire import (
     AuthMethod,
     AuthRequest,
@@ -46,20 +47,26 @@ class AuthFailed(ProxyError):
 class HandshakeReader:
     """Reads handshake messages from a non-blocking socket, keeping any surplus bytes.
 
-    The socket is watched edge-triggered by the node's `Poller`, which calls `on_ready`:
-    a read or write is always tried first, and only EAGAIN waits for the next edge.
+    The socket is watched edge-triggered by the node's `Poller`, which calls `on_ready`.
+    A read is tried first unless the socket is known to be empty (`drained`: a short read
+    and no edge since); then the next edge is awaited. A write is always tried first.
     """
 
-    __slots__ = ("buffer", "loop", "sock", "waiter")
+    __slots__ = ("buffer", "closing", "drained", "loop", "sock", "waiter")
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.loop = loop
         self.buffer = bytearray()
         self.waiter: asyncio.Future[None] | None = None
+        self.drained = False
+        self.closing = False  # an edge said the peer closed or reset: read to the end
 
     def on_ready(self, mask: int) -> None:
-        """The poller's handler: wake whoever waits on the socket."""
+        """The poller's handler: note the edge, wake whoever waits on the socket."""
+        self.drained = False
+        if mask & CLOSING:
+            self.closing = True
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -83,19 +90,24 @@ class HandshakeReader:
                 message, used = parsed
                 del buffer[:used]
                 return message
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            if self.drained:
                 waiter = self.waiter = self.loop.create_future()
                 try:
                     await waiter
                 finally:
                     self.waiter = None
                 continue
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                self.drained = True
+                continue
             except OSError as exc:
                 raise ClientClosed(exc.strerror or "reset") from exc
             if not data:
                 raise ClientClosed("EOF during handshake")
+            if len(data) < _RECV_SIZE and not self.closing:
+                self.drained = True  # saves the EAGAIN read (a syscall and an exception)
             buffer += data
 
     async def recv(self) -> bytes:

@@ -16,7 +16,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["READABLE", "WRITABLE", "Handler", "Poller"]
+__all__ = ["CLOSING", "READABLE", "WRITABLE", "Handler", "Poller"]
 
 Handler = Callable[[int], None]
 
@@ -31,6 +31,10 @@ _MASK = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
 # The bits after which a read (or a write) can make progress or will report the error.
 READABLE = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 WRITABLE = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
+# The peer closed or reset. Without these bits in the edge, a read shorter than asked for
+# has emptied the socket (TCP returns all it has), and the next arrival brings a new edge;
+# with them, the end may be waiting behind the data, so reading goes on to EOF or EAGAIN.
+CLOSING = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _BATCH = 256
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from proxy_node.events import ConnectionRecord
 from proxy_node.limits import TokenBucket
-from proxy_node.poller import READABLE, WRITABLE, Poller
+from proxy_node.poller import CLOSING, READABLE, WRITABLE, Poller
 
 __all__ = ["SPLICE_AFTER", "RelayBuffer", "RelayMode", "TcpRelay", "splice_supported"]
 
@@ -100,14 +100,20 @@ class _Flow:
         self.in_pipe = 0
         self.bucket: TokenBucket | None = None  # a user's bandwidth cap, if any
 
-    def pull(self) -> None:
-        """Move what the source has, unless this flow is waiting for something."""
+    def pull(self, edge: int = CLOSING) -> None:
+        """Move what the source has, unless this flow is waiting for something.
+
+        `edge` is the readiness mask that prompted the call: without CLOSING bits in it, a
+        short read means the socket is empty and no EAGAIN read is needed (see poller.py).
+        Called for any other reason (start, backlog cleared, pause over), it reads on to
+        EAGAIN, since an edge may have been passed up meanwhile.
+        """
         if self.eof or self.pending or self.in_pipe or self.paused or self.relay.closed:
             return
         if self.splicing:
             self._splice()
         else:
-            self._copy()
+            self._copy(not edge & CLOSING)
 
     def push(self) -> None:
         """The destination became writable: flush the backlog, then read again."""
@@ -140,7 +146,7 @@ class _Flow:
 
     # -- copy mode ------------------------------------------------------------------------
 
-    def _copy(self) -> None:
+    def _copy(self, short_read_empties: bool) -> None:
         """Read and forward until the socket has nothing left (EAGAIN), an EOF or an error.
 
         Draining matters twice: the poller is edge-triggered, and when data and a reset
@@ -183,6 +189,8 @@ class _Flow:
                 return  # the destination's next writable edge calls push()
             if relay.mode == "auto" and self.count >= SPLICE_AFTER:
                 self._start_splice()
+                return
+            if received < wanted and short_read_empties:
                 return
         self._yield_turn()
 
@@ -335,11 +343,12 @@ class TcpRelay:
         self.last_activity = loop.time()
         self.timer: asyncio.TimerHandle | None = None
 
-    def start(self, early_data: bytes = b"") -> None:
+    def start(self, early_data: bytes = b"", *, client_empty: bool = False) -> None:
         """Begin relaying; `early_data` is what the client pipelined after its request.
 
-        Both sources are read at once: edges that came during the handshake were consumed
-        by it and will not be reported again.
+        Both sources are read at once (edges that came during the handshake were consumed
+        by it and will not be reported again), except the client's when the handshake
+        knows it left the socket empty (`client_empty`).
         """
         loop = self.loop
         self.poller.redirect(self.up.src_fd, self._on_client_ready)  # both already watched
@@ -360,18 +369,19 @@ class TcpRelay:
             self.up._start_splice()
             self.down._start_splice()
         else:
-            self.up.pull()
+            if not client_empty:
+                self.up.pull()
             self.down.pull()
 
     def _on_client_ready(self, mask: int) -> None:
         if mask & READABLE:
-            self.up.pull()
+            self.up.pull(mask)
         if mask & WRITABLE:
             self.down.push()
 
     def _on_upstream_ready(self, mask: int) -> None:
         if mask & READABLE:
-            self.down.pull()
+            self.down.pull(mask)
         if mask & WRITABLE:
             self.up.push()
 

@@ -278,7 +278,7 @@ class Session:
             server.poller.forget(upstream.fileno())
             upstream.close()
             raise
-        self._start_relay(upstream, reader.take_surplus())
+        self._start_relay(upstream, reader.take_surplus(), client_empty=reader.drained)
 
     async def _bind(self, reader: HandshakeReader, dest: Destination) -> None:
         server = self.server
@@ -342,7 +342,8 @@ class Session:
                 watcher.cancel()
         self._end()
 
-    def _start_relay(self, upstream: socket.socket, early_data: bytes) -> None:
+    def _start_relay(self, upstream: socket.socket, early_data: bytes, *,
+                     client_empty: bool = False) -> None:
         settings = self.server.settings
         self.relay = TcpRelay(
             self.server.loop,
@@ -360,7 +361,7 @@ class Session:
             buckets = self.server.rules.bandwidth_buckets(self.admission)
             if buckets is not None:
                 self.relay.up.bucket, self.relay.down.bucket = buckets
-        self.relay.start(early_data)
+        self.relay.start(early_data, client_empty=client_empty)
 
     def _relay_closed(self, relay: TcpRelay, reason: str) -> None:
         self.record.close_reason = reason
