@@ -2,7 +2,8 @@
 """Load the stats API with wrk at 1 M and 10 M rows: p50/p95 latency and requests/s per route.
 
 Usage: .venv/bin/python bench/api/run.py [--rows 1000000 10000000] [--duration 5]
-                                          [--connections 8]
+                                          [--connections 8] [--keep DIR] [--routes REGEX]
+                                          [--generate-only]
 
 For each size: a fresh embedded PostgreSQL (non-durable, in a temporary folder), the schema,
 N connection events over the last 29.5 days written through the repository (binary COPY and
@@ -11,6 +12,9 @@ domains, clients and users; mostly `ok`; log-normal bytes and latencies), then
 `socks5-analytics api` in its own process and `wrk` (Debian package) against every stats route
 for a 24-hour and a 30-day window, one route at a time: latency with one client, then
 requests/s with `--connections` clients. Everything runs on loopback.
+`--keep DIR` keeps each size's database in DIR/<rows> and reuses it on the next run (migrated
+to the newest schema first; the windows then end where its data ends), so that a schema or
+query change can be measured on the very same 10 M rows without writing them again.
 Results: a markdown table on stdout and in bench/api/results/.
 """
 
@@ -22,6 +26,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -171,60 +176,83 @@ def wrk(url: str, duration: int, connections: int) -> dict[str, Any]:
     return result
 
 
-def bench(rows: int, duration: int, connections: int) -> list[dict[str, Any]]:
-    folder = Path(tempfile.mkdtemp(prefix="s5a-bench-api-"))
+def bench(rows: int, duration: int, connections: int, keep: Path | None = None,
+          routes: str = "", generate_only: bool = False) -> list[dict[str, Any]]:
+    if keep is None:
+        folder = Path(tempfile.mkdtemp(prefix="s5a-bench-api-"))
+    else:
+        folder = keep / str(rows)
+        folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)
     server = EmbeddedPostgres(folder / "pg", durable=False)
+    stamp_file = folder / "end.txt"
     results: list[dict[str, Any]] = []
     try:
         url = server.start()
         run_migration(url)
-        end = datetime.now(UTC)
-        log(f"{rows:,} rows: writing")
-        started = time.monotonic()
-        asyncio.run(fill(url, rows, end))
-        log(f"{rows:,} rows written in {time.monotonic() - started:.0f} s; vacuum analyze")
-        asyncio.run(vacuum(url))
+        if stamp_file.is_file():
+            end = datetime.fromisoformat(stamp_file.read_text().strip())
+            log(f"{rows:,} rows: reusing {folder} (data up to {end:%Y-%m-%d %H:%M} UTC)")
+            now = end
+            asyncio.run(vacuum(url))  # the migration may have filled new tables
+        else:
+            end = datetime.now(UTC)
+            log(f"{rows:,} rows: writing")
+            started = time.monotonic()
+            asyncio.run(fill(url, rows, end))
+            log(f"{rows:,} rows written in {time.monotonic() - started:.0f} s; vacuum analyze")
+            asyncio.run(vacuum(url))
+            if keep is not None:
+                stamp_file.write_text(end.isoformat())
+            now = datetime.now(UTC)
+        if generate_only:
+            return results
         api, base = start_api(url, folder)
         try:
-            now = datetime.now(UTC)
             for window_name, span in (("24 h", timedelta(hours=24)), ("30 d", SPAN)):
                 since = (now - span).strftime("%Y-%m-%dT%H:%M:%SZ")
+                until = (now + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
                 for name, path in ROUTES:
+                    if routes and not re.search(routes, name):
+                        continue
                     sep = "&" if "?" in path else "?"
-                    url_ = f"{base}{path}{sep}from={since}" if path != "/nodes" else base + path
+                    window = f"from={since}&to={until}"
+                    url_ = f"{base}{path}{sep}{window}" if path != "/nodes" else base + path
                     # latency with one client at a time, throughput with `connections`
                     single = wrk(url_, duration, 1)
                     loaded = wrk(url_, duration, connections)
                     result = {**single, "rps": loaded["rps"], "loaded_p95_us": loaded["p95_us"],
                               "non_2xx": single["non_2xx"] + loaded["non_2xx"],
                               "socket_errors": single["socket_errors"]
-                              + loaded["socket_errors"]}
+                              + loaded["socket_errors"],
+                              "load": os.getloadavg()[0]}
                     result.update(rows=rows, window=window_name, route=name, path=path)
                     results.append(result)
                     log(f"  {window_name} {name}: p50 {result['p50_us'] / 1000:.1f} ms, "
                         f"p95 {result['p95_us'] / 1000:.1f} ms (1 client); "
                         f"{result['rps']:.0f} req/s, p95 {loaded['p95_us'] / 1000:.1f} ms "
-                        f"({connections} clients)"
+                        f"({connections} clients), load {result['load']:.1f}"
                         + (f", {result['non_2xx']} non-2xx" if result["non_2xx"] else ""))
         finally:
             api.terminate()
             api.wait(30)
     finally:
         server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| rows | window | route | p50 ms | p95 ms | p99 ms | req/s (loaded) "
-             "| p95 ms (loaded) | errors |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| p95 ms (loaded) | errors | load avg |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(
             f"| {r['rows']:,} | {r['window']} | `{r['path']}` | {r['p50_us'] / 1000:.1f} "
             f"| {r['p95_us'] / 1000:.1f} | {r['p99_us'] / 1000:.1f} | {r['rps']:.0f} "
-            f"| {r['loaded_p95_us'] / 1000:.1f} | {r['non_2xx'] + r['socket_errors']} |")
+            f"| {r['loaded_p95_us'] / 1000:.1f} | {r['non_2xx'] + r['socket_errors']} "
+            f"| {r.get('load', float('nan')):.1f} |")
     return "\n".join(lines)
 
 
@@ -233,13 +261,19 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--duration", type=int, default=5, help="seconds of wrk per route")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--keep", type=Path, help="keep (or reuse) the databases in this folder")
+    parser.add_argument("--routes", default="", help="only the routes whose name matches")
+    parser.add_argument("--generate-only", action="store_true", help="write the data, no wrk")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 1
     results: list[dict[str, Any]] = []
     for rows in args.rows:
-        results += bench(rows, args.duration, args.connections)
+        results += bench(rows, args.duration, args.connections, args.keep, args.routes,
+                         args.generate_only)
+    if args.generate_only:
+        return 0
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     meta = {"date": stamp, "cpus": os.cpu_count(), "duration_s": args.duration,
