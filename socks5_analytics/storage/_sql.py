@@ -28,6 +28,9 @@ CREATE_STAGE = (
 
 
 TIERS: tuple[str, ...] = ("minute", "hour", "day")
+# The domains also have a weekly tier: ~17,000 domains are active on a busy day and nearly
+# all of them every day, so 30 daily tiers hold 30 times the keys that 4 weeks do.
+DOMAIN_TIERS: tuple[str, ...] = (*TIERS, "week")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class Rollup:
     key columns and the filters its key can answer.
 
     `deferred` families are fed through `rollup_queue` and the roll-forward instead of by the
-    insert itself; their readers add what is still queued.
+    insert itself; their readers add what is still queued. `tiers` are its tables, finest
+    first.
     """
 
     table: str
@@ -45,9 +49,10 @@ class Rollup:
     where: str = "TRUE"
     extra: tuple[tuple[str, str, str], ...] = ()  # (column, aggregate, on-conflict value)
     deferred: bool = False
+    tiers: tuple[str, ...] = TIERS
 
     def tier_table(self, tier: str) -> str:
-        """The table of `tier` ("minute", "hour" or "day")."""
+        """The table of `tier` ("minute", "hour", "day" or "week")."""
         return self.table if tier == "minute" else f"{self.table}_{tier}"
 
     @property
@@ -65,6 +70,7 @@ DOMAINS = Rollup(
     extra=(("registered_domain", "max(registered_domain)",
             "coalesce(excluded.registered_domain, r.registered_domain)"),),
     deferred=True,
+    tiers=DOMAIN_TIERS,
 )
 CLIENTS = Rollup(
     "rollup_clients",
@@ -143,12 +149,12 @@ def _upsert(rollup: Rollup, tier: str, rows: str) -> str:
     )
 
 
-def with_tiers(rollup: Rollup, facts: str, tiers: tuple[str, ...] = TIERS) -> str:
+def with_tiers(rollup: Rollup, facts: str) -> str:
     """CTEs that aggregate CTE `facts` once and add the result to every tier of `rollup`."""
     name = rollup.table
     parts = [f"{name}_rows AS (\n    {_aggregate(rollup, facts)}\n)"]
     parts += [f"{name}_{tier}_upsert AS (\n    {_upsert(rollup, tier, f'{name}_rows')}\n)"
-              for tier in tiers]
+              for tier in rollup.tiers]
     return ",\n".join(parts)
 
 
@@ -287,8 +293,19 @@ ROLL_FORWARD_LOCK = 0x53_35_41_52
 TRY_ROLL_FORWARD_LOCK = f"SELECT pg_try_advisory_xact_lock({ROLL_FORWARD_LOCK})"
 WAIT_ROLL_FORWARD_LOCK = f"SELECT pg_advisory_xact_lock({ROLL_FORWARD_LOCK})"
 
+# Day-partitioned tiers only: a weekly partition outlives its first days (it goes with its
+# last one), so it says nothing about which days are still kept.
 _DEFERRED_TABLES = ", ".join(f"'{rollup.tier_table(tier)}'" for rollup in ROLLUPS
                              if rollup.deferred for tier in TIERS)
+
+# The first day every rollup still has (the daily domain tier's oldest partition), for
+# readers of the weekly tier: a week whose Monday is gone is read from its remaining days.
+OLDEST_DAY = (
+    "(SELECT min(to_date(substring(c.relname from '_p([0-9]{8})$'), 'YYYYMMDD'))"
+    "::timestamp AT TIME ZONE 'UTC' FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = 'rollup_domains_day'::regclass AND NOT i.inhdetachpending "
+    "AND c.relname ~ '_p[0-9]{8}$')"
+)
 
 # Takes up to $1 queued rows and adds them to every tier of the deferred rollups, all in the
 # caller's transaction: a row is either still queued or in every tier, never both. A row

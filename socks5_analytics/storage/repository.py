@@ -32,7 +32,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 import structlog
@@ -67,7 +67,11 @@ from socks5_analytics.storage.models import (
     TrafficPoint,
     TrafficSeries,
 )
-from socks5_analytics.storage.schema import LATENCY_BUCKETS_MS, PARTITIONED_TABLES
+from socks5_analytics.storage.schema import (
+    LATENCY_BUCKETS_MS,
+    PARTITIONED_TABLES,
+    WEEKLY_TABLES,
+)
 from socks5_analytics.storage.tiers import Tier, split_window
 from socks5_analytics.storage.validation import check_event, check_interim
 
@@ -104,6 +108,7 @@ _INTERVALS: dict[str, timedelta] = {
 _ROLLUP_LATENCY = ("coalesce(sum(connect_count), 0) AS n, "
                    "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
                    f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
+_TIER_ORDER: tuple[Tier, ...] = ("minute", "hour", "day", "week")
 # The coarsest tier whose buckets each interval's buckets are made of.
 _COARSEST: dict[str, Tier] = {"1m": "minute", "5m": "minute", "1h": "hour", "1d": "day"}
 # date_bin's origin: buckets of every interval start at whole UTC minutes, hours, days.
@@ -262,10 +267,21 @@ def _rollup_source(
     filters = " AND ".join(conditions)
     columns = ", ".join(rollup.row_columns)
     branches = []
+    coarsest = min(coarsest, cast(Tier, rollup.tiers[-1]), key=_TIER_ORDER.index)
     for piece in split_window(since, until, coarsest=coarsest):
         start, end = where.param(piece.start), where.param(piece.end)
-        branches.append(f"SELECT {columns} FROM {rollup.tier_table(piece.tier)} "
-                        f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
+        branch = (f"SELECT {columns} FROM {{table}} "
+                  f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
+        if piece.tier != "week":
+            branches.append(branch.format(table=rollup.tier_table(piece.tier)))
+            continue
+        # A week whose first days retention dropped is read from the days left: its
+        # weekly row would still count the dropped ones. Both conditions are evaluated
+        # once per statement (no row is read from the branch not taken).
+        branches.append(branch.format(table=rollup.tier_table("week"))
+                        + f" AND {_sql.OLDEST_DAY} <= {start}")
+        branches.append(branch.format(table=rollup.tier_table("day"))
+                        + f" AND {_sql.OLDEST_DAY} > {start}")
     if rollup.deferred and since < until:
         start, end = where.param(since), where.param(until)
         branches.append(f"SELECT * FROM ({_sql.queue_rows(rollup)}) AS q({columns}) "
@@ -641,7 +657,9 @@ class Repository:
         async with self._partition_lock, self._connection() as connection:
             rows = await connection.fetch(_sql.LIST_PARTITIONS, list(PARTITIONED_TABLES))
             for row in rows:
-                if row["day"] >= oldest:
+                # A weekly partition goes with the last of its seven days.
+                days = 7 if row["parent"] in WEEKLY_TABLES else 1
+                if row["day"] + timedelta(days=days - 1) >= oldest:
                     continue
                 parent = _quote_ident(row["parent"])
                 child = _quote_ident(row["child"])

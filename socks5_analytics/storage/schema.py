@@ -14,6 +14,7 @@ __all__ = [
     "PARTITIONED_TABLES",
     "PROTOCOLS",
     "STATUSES",
+    "WEEKLY_TABLES",
 ]
 
 STATUSES = frozenset(
@@ -34,9 +35,11 @@ LATENCY_COLUMNS: tuple[str, ...] = tuple(
     [f"lat_le_{bound}" for bound in LATENCY_BUCKETS_MS] + ["lat_le_inf"]
 )
 
-# Range-partitioned by UTC day; maintenance creates and drops their partitions together.
+# Range-partitioned by UTC day (the weekly tiers by ISO week, their partitions named by the
+# Monday); maintenance creates and drops their partitions together.
 PARTITIONED_TABLES: tuple[str, ...] = (
     "traffic_logs", "rollup_totals", "rollup_domains", "rollup_clients",
     "rollup_totals_hour", "rollup_totals_day", "rollup_domains_hour", "rollup_domains_day",
-    "rollup_clients_hour", "rollup_clients_day",
+    "rollup_clients_hour", "rollup_clients_day", "rollup_domains_week",
 )
+WEEKLY_TABLES: frozenset[str] = frozenset({"rollup_domains_week"})

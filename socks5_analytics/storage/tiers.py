@@ -1,9 +1,10 @@
 """Which rollup tier answers which part of a stats window (pure; no database).
 
-Each rollup family has a per-minute table and hourly and daily ones keyed alike. A window of
-whole minutes is answered by the daily rows of the whole days inside it, the hourly rows of
-the whole hours left at either end, and the minute rows of the rest: the fewest rows that
-add up to exactly the minute-tier answer.
+Each rollup family has a per-minute table and hourly and daily ones keyed alike (the domains
+also a weekly one). A window of whole minutes is answered by the weekly rows of the whole
+weeks inside it, the daily rows of the whole days left at either end, the hourly rows of the
+whole hours left then, and the minute rows of the rest: the fewest rows that add up to
+exactly the minute-tier answer. Weeks are ISO weeks: they start on Monday, 00:00 UTC.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Literal
 
 __all__ = ["Piece", "Tier", "split_window"]
 
-Tier = Literal["minute", "hour", "day"]
-_ORDER: tuple[Tier, ...] = ("minute", "hour", "day")
+Tier = Literal["minute", "hour", "day", "week"]
+_ORDER: tuple[Tier, ...] = ("minute", "hour", "day", "week")
+_LENGTH: dict[Tier, timedelta] = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
+                                  "day": timedelta(days=1), "week": timedelta(weeks=1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,19 +32,18 @@ class Piece:
 
 def _floor(moment: datetime, tier: Tier) -> datetime:
     moment = moment.replace(second=0, microsecond=0)
-    if tier in ("hour", "day"):
+    if tier != "minute":
         moment = moment.replace(minute=0)
-    if tier == "day":
+    if tier in ("day", "week"):
         moment = moment.replace(hour=0)
+    if tier == "week":
+        moment -= timedelta(days=moment.weekday())
     return moment
 
 
 def _ceil(moment: datetime, tier: Tier) -> datetime:
     floored = _floor(moment, tier)
-    if floored == moment:
-        return floored
-    return floored + (timedelta(days=1) if tier == "day" else
-                      timedelta(hours=1) if tier == "hour" else timedelta(minutes=1))
+    return floored if floored == moment else floored + _LENGTH[tier]
 
 
 def split_window(since: datetime, until: datetime, *, coarsest: Tier = "day") -> tuple[Piece, ...]:

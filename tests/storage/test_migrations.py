@@ -114,7 +114,11 @@ def test_application_constants_match_the_migration() -> None:
     tiers = _migration_module("0002")
     assert tiers.LATENCY_BUCKETS_MS == app_schema.LATENCY_BUCKETS_MS
     assert tiers.OLD_PARTITIONED == migration.PARTITIONED
-    assert set(tiers.PARTITIONED) == set(app_schema.PARTITIONED_TABLES)
+    weekly = _migration_module("0003")
+    assert weekly.LATENCY_BUCKETS_MS == app_schema.LATENCY_BUCKETS_MS
+    assert set(weekly.DAILY_0002) == set(tiers.PARTITIONED)
+    assert set(weekly.WEEKLY) == app_schema.WEEKLY_TABLES
+    assert set(weekly.DAILY_0002 + weekly.WEEKLY) == set(app_schema.PARTITIONED_TABLES)
 
 
 def test_offline_sql_renders() -> None:
@@ -175,5 +179,50 @@ async def test_0002_keeps_the_history_of_a_deployed_0001(empty_database_url: str
         assert [tuple(row) for row in clients] == [
             ("2026-03-10 00:01:00+00", "192.0.2.1/32", 1, 0),
             ("2026-03-10 00:02:00+00", "192.0.2.1/32", 0, 10)]
+    finally:
+        await connection.close()
+
+
+async def test_0003_fills_the_weeks_from_the_days(empty_database_url: str) -> None:
+    """Upgrading to 0003 sums a deployed 0002's daily domain rows into ISO weeks (partitions
+    made for them), later days get their week's partition too; downgrading drops the tier
+    and the partition function makes days only again."""
+    await upgrade(empty_database_url, "0002")
+    connection = await asyncpg.connect(empty_database_url, server_settings={"timezone": "UTC"})
+    try:
+        # 2026-03-08 is a Sunday, 2026-03-09 and 2026-03-16 Mondays.
+        await connection.execute("SELECT s5a_create_day_partitions('2026-03-08', '2026-03-16')")
+        for bucket, status, n in (("2026-03-08", "ok", 2), ("2026-03-09", "ok", 3),
+                                  ("2026-03-15", "ok", 5), ("2026-03-15", "refused", 1),
+                                  ("2026-03-16", "ok", 7)):
+            await connection.execute(
+                "INSERT INTO rollup_domains_day (bucket, domain, registered_domain, status, "
+                "connections, bytes_in, connect_count, connect_ms_sum, connect_ms_max, lat_le_5) "
+                "VALUES ($1::text::timestamptz, 'a.example', 'example', $2, $3::bigint, "
+                "$3 * 10, $3, $3, $3, $3)", bucket, status, n)
+        await upgrade(empty_database_url)
+        weeks = await connection.fetch(
+            "SELECT bucket::text, status, connections, bytes_in, connect_ms_max, lat_le_5, "
+            "registered_domain, tableoid::regclass::text FROM rollup_domains_week ORDER BY 1, 2")
+        assert [tuple(row) for row in weeks] == [
+            ("2026-03-02 00:00:00+00", "ok", 2, 20, 2.0, 2, "example",
+             "rollup_domains_week_p20260302"),
+            ("2026-03-09 00:00:00+00", "ok", 8, 80, 5.0, 8, "example",
+             "rollup_domains_week_p20260309"),
+            ("2026-03-09 00:00:00+00", "refused", 1, 10, 1.0, 1, "example",
+             "rollup_domains_week_p20260309"),
+            ("2026-03-16 00:00:00+00", "ok", 7, 70, 7.0, 7, "example",
+             "rollup_domains_week_p20260316")]
+        created = await connection.fetch(
+            "SELECT s5a_create_day_partitions('2026-03-22', '2026-03-24')")
+        assert "rollup_domains_week_p20260323" in {row[0] for row in created}
+        assert "rollup_domains_week_p20260316" not in {row[0] for row in created}
+
+        await downgrade(empty_database_url, "0002")
+        assert await connection.fetchval("SELECT to_regclass('rollup_domains_week')") is None
+        created = await connection.fetch(
+            "SELECT s5a_create_day_partitions('2026-03-30', '2026-03-30')")
+        assert not any("week" in row[0] for row in created)
+        assert "rollup_domains_day_p20260330" in {row[0] for row in created}
     finally:
         await connection.close()

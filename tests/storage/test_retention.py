@@ -7,8 +7,10 @@ from datetime import timedelta
 import asyncpg
 from storage_data import NOW, make_event, make_interim
 
-from socks5_analytics.storage import NodeReport, Repository
-from socks5_analytics.storage.schema import PARTITIONED_TABLES
+from socks5_analytics.storage import NodeReport, Repository, StatsFilter
+from socks5_analytics.storage.schema import PARTITIONED_TABLES, WEEKLY_TABLES
+
+DAILY_TABLES = tuple(table for table in PARTITIONED_TABLES if table not in WEEKLY_TABLES)
 
 PARTITIONS_SQL = """
 SELECT child.relname FROM pg_inherits i
@@ -47,11 +49,12 @@ async def test_retention_drops_exactly_the_expired_days(
 
     expired_days = sorted(day for day in per_day if day < NOW.date() - timedelta(days=2))
     assert len(expired_days) == 2
-    expected_dropped = {f"{table}_p{day:%Y%m%d}" for table in PARTITIONED_TABLES
+    expected_dropped = {f"{table}_p{day:%Y%m%d}" for table in DAILY_TABLES
                         for day in expired_days}
     assert set(result.dropped) == expected_dropped
+    # Tomorrow is a Wednesday: its week's partition was there already.
     assert set(result.created) == {f"{table}_p{NOW + timedelta(days=1):%Y%m%d}"
-                                   for table in PARTITIONED_TABLES}
+                                   for table in DAILY_TABLES}
     assert (result.progress_purged, result.nodes_purged) == (1, 1)
     for name in expected_dropped:
         assert await db.fetchval("SELECT to_regclass($1)", name) is None
@@ -61,9 +64,12 @@ async def test_retention_drops_exactly_the_expired_days(
     ))
     assert rows == kept
     assert await db.fetchval("SELECT sum(connections) FROM rollup_totals") == sum(kept.values())
-    for table in PARTITIONED_TABLES:
+    for table in DAILY_TABLES:
         days = [name.rsplit("_p", 1)[1] for name in await _partitions(db, table)]
         assert days == sorted(f"{NOW + timedelta(days=n):%Y%m%d}" for n in range(-2, 2))
+    # NOW is a Tuesday: the week before still has its Sunday, NOW - 2 days, so it stays.
+    for table in WEEKLY_TABLES:
+        assert await _partitions(db, table) == [f"{table}_p20260302", f"{table}_p20260309"]
 
 
 async def test_an_interrupted_pass_is_finished(database_url: str, db: asyncpg.Connection) -> None:
@@ -119,5 +125,41 @@ async def test_queued_deltas_of_a_dropped_day_go_with_it(database_url: str,
         for tier in ("rollup_clients", "rollup_clients_hour", "rollup_clients_day"):
             assert await db.fetchrow(
                 f"SELECT sum(connections), sum(bytes_in) FROM {tier}") == (1, 7), tier
+    finally:
+        await repo.close()
+
+
+async def test_a_week_without_its_first_days_is_read_from_the_days_left(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """A weekly partition goes with the last of its days; until then a window holding that
+    whole week reads the days still kept, not the week's row, which counts the dropped days
+    too. So the domains agree with the totals (which have no weekly tier) throughout."""
+    repo = await Repository.open(url=database_url, retention_days=2)
+    try:
+        # NOW is Tuesday 2026-03-10; the week of Monday 2026-03-02 ends on Sunday the 8th.
+        for back, count in ((4, 1), (3, 2), (2, 4), (1, 8)):
+            moment = NOW - timedelta(days=back)
+            await repo.insert_batch(now=moment, events=[
+                make_event(started_at=moment - timedelta(minutes=n)) for n in range(count)])
+        await repo.roll_forward()
+        whole_week = StatsFilter(since=NOW - timedelta(days=10), until=NOW - timedelta(days=1,
+                                 hours=12, minutes=30))  # Mar 1 (Sunday) to Mar 9 00:00
+        before = await repo.top_domains(flt=whole_week)
+        assert [item.connections for item in before.items] == [1 + 2 + 4]
+
+        await repo.run_maintenance(now=NOW)  # keeps Mar 8 onwards
+        assert await _partitions(db, "rollup_domains_week") == [
+            "rollup_domains_week_p20260302", "rollup_domains_week_p20260309"]
+        after = await repo.top_domains(flt=whole_week)
+        statuses = await repo.statuses(flt=whole_week)
+        assert [item.connections for item in after.items] == [4]
+        assert [item.connections for item in statuses.items] == [4]
+
+        await repo.run_maintenance(now=NOW + timedelta(days=1))  # Mar 8 goes, and its week
+        assert await _partitions(db, "rollup_domains_week") == [
+            "rollup_domains_week_p20260309"]
+        gone = await repo.top_domains(flt=whole_week)
+        assert (gone.items, gone.total) == ((), 0)
     finally:
         await repo.close()

@@ -3,10 +3,12 @@
 Random connections (some to IP literals, some failed, some long with interim reports that
 are lost, repeated or late), sent in shuffled batches with some batches sent twice. A
 reference model in plain Python applies the documented rules per minute; every rollup row of
-every tier (minute, hour, day: the model's minutes summed) must match it exactly, and the
+every tier (minute, hour, day, and week for domains: the model's minutes summed) must match
+it exactly, and the
 connection counts and latency histograms must also match an aggregate over the raw rows of
 traffic_logs. The stats queries over ragged windows (tiers at the middle, minutes at the
-edges, part of the data still in the roll-forward queue) must equal the model's minutes.
+edges, part of the data still in the roll-forward queue; over two days, and over three weeks
+for windows that hold whole ISO weeks) must equal the model's minutes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def _truncate(moment: datetime, tier: str) -> datetime:
         return moment.replace(minute=0, second=0, microsecond=0)
     if tier == "day":
         return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if tier == "week":
+        day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        return day - timedelta(days=day.weekday())
     return _minute(moment)
 
 
@@ -229,19 +234,26 @@ KEYS = {
 }
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_rollups_equal_brute_force(seed: int, repo: Repository,
+TIERS = {
+    "rollup_totals": ("minute", "hour", "day"),
+    "rollup_domains": ("minute", "hour", "day", "week"),
+    "rollup_clients": ("minute", "hour", "day"),
+}
+
+
+@pytest.mark.parametrize(("seed", "days"), [(1, 2), (2, 2), (3, 2), (8, 20)])
+async def test_rollups_equal_brute_force(seed: int, days: int, repo: Repository,
                                          db: asyncpg.Connection) -> None:
     rng = random.Random(seed)
     model = Model()
-    for events, interims in _random_traffic(rng, connections=800, window=2 * 86400):
+    for events, interims in _random_traffic(rng, connections=800, window=days * 86400):
         await repo.insert_batch(events=events, interims=interims, now=NOW)
         model.apply(events, interims)
     await repo.roll_forward()
     assert await repo.queue_length() == 0
 
     for family, keys in KEYS.items():
-        for tier in ("minute", "hour", "day"):
+        for tier in TIERS[family]:
             table = family if tier == "minute" else f"{family}_{tier}"
             actual = await _rollup_rows(db, table, keys)
             expected = _coarsen(model.tables[family], tier)
@@ -269,7 +281,7 @@ async def test_rollups_equal_brute_force(seed: int, repo: Repository,
     assert (rolled_in, rolled_out) == (closed[0], closed[1])
 
     # And the stats queries read them: the whole window's status counts match the raw rows.
-    flt = StatsFilter(since=NOW - timedelta(days=3), until=NOW + timedelta(hours=1))
+    flt = StatsFilter(since=NOW - timedelta(days=days + 1), until=NOW + timedelta(hours=1))
     statuses = await repo.statuses(flt=flt, limit=100)
     raw_statuses = dict(await db.fetch("SELECT status, count(*) FROM traffic_logs GROUP BY 1"))
     assert {item.status: item.connections for item in statuses.items} == raw_statuses
@@ -315,25 +327,31 @@ def _grouped(rows: list[tuple[tuple[Any, ...], Measures]], at: int) -> dict[Any,
     return {k: m for k, m in grouped.items() if m.connections or m.bytes_in or m.bytes_out}
 
 
-def _ragged_windows(rng: random.Random) -> list[tuple[datetime, datetime]]:
-    """Windows with seconds at both ends, from a few minutes to the whole two days."""
-    windows = [(NOW - timedelta(days=3), NOW + timedelta(hours=1)),  # everything
+def _ragged_windows(rng: random.Random, days: int) -> list[tuple[datetime, datetime]]:
+    """Windows with seconds at both ends, from a few minutes to all `days` of the data."""
+    windows = [(NOW - timedelta(days=days + 1), NOW + timedelta(hours=1)),  # everything
                (NOW - timedelta(hours=30, seconds=7), NOW - timedelta(hours=2, seconds=1)),
                (NOW - timedelta(minutes=50, seconds=3), NOW - timedelta(minutes=10))]
     for _ in range(5):
-        since = NOW - timedelta(seconds=rng.uniform(0, 2.2 * 86400))
-        windows.append((since, since + timedelta(seconds=rng.uniform(60, 1.5 * 86400))))
+        since = NOW - timedelta(seconds=rng.uniform(0, 1.1 * days * 86400))
+        windows.append((since, since + timedelta(seconds=rng.uniform(60, 0.75 * days * 86400))))
+    if days >= 14:  # whole ISO weeks (NOW is a Tuesday) with ragged days around them
+        windows.append((NOW - timedelta(days=days - 0.3, seconds=11),
+                        NOW - timedelta(days=1, hours=3, seconds=5)))
+        windows.append((NOW - timedelta(days=15, hours=5), NOW - timedelta(days=1, hours=12)))
     return windows
 
 
-@pytest.mark.parametrize("seed", [4, 5])
-async def test_tiered_queries_equal_the_minute_model(seed: int, repo: Repository) -> None:
-    """Whole days and hours from the coarse tiers, edges from minutes, and whatever is still
-    queued: every answer equals the brute-force model's minutes, exactly."""
+@pytest.mark.parametrize(("seed", "days"), [(4, 2), (5, 2), (6, 20)])
+async def test_tiered_queries_equal_the_minute_model(seed: int, days: int,
+                                                     repo: Repository) -> None:
+    """Whole weeks, days and hours from the coarse tiers, edges from minutes, and whatever
+    is still queued: every answer equals the brute-force model's minutes, exactly."""
     rng = random.Random(seed)
     model = Model()
     repo.auto_roll_forward = False
-    batches = _random_traffic(rng, connections=600, window=2 * 86400)
+    batches = _random_traffic(rng, connections=600 if days < 14 else 1500,
+                              window=days * 86400)
     half = len(batches) // 2
     for number, (events, interims) in enumerate(batches):
         await repo.insert_batch(events=events, interims=interims, now=NOW)
@@ -342,7 +360,7 @@ async def test_tiered_queries_equal_the_minute_model(seed: int, repo: Repository
             await repo.roll_forward()  # the older half in the tiers, the rest still queued
     assert await repo.queue_length() > 0, "the test should read some rows from the queue"
 
-    for since, until in _ragged_windows(rng):
+    for since, until in _ragged_windows(rng, days):
         flt = StatsFilter(since=since, until=until)
         domain_rows = _in_window(model.tables["rollup_domains"], since, until)
         client_rows = _in_window(model.tables["rollup_clients"], since, until)
@@ -436,7 +454,8 @@ async def test_tiered_queries_equal_the_minute_model(seed: int, repo: Repository
                            if m.connections or m.bytes_in or m.bytes_out}
 
     # Rolling the rest forward changes no answer.
-    everything = StatsFilter(since=NOW - timedelta(days=3), until=NOW + timedelta(hours=1))
+    everything = StatsFilter(since=NOW - timedelta(days=days + 1),
+                             until=NOW + timedelta(hours=1))
     before = await repo.top_source_ips(flt=everything, limit=1000)
     await repo.roll_forward()
     assert await repo.queue_length() == 0

@@ -45,6 +45,32 @@ CASES = [
       ("minute", "2026-03-11T00:00", "2026-03-11T00:30")]),
     ("2026-02-28T23:59", "2026-03-01T00:01", "day",  # month edge, no whole hour
      [("minute", "2026-02-28T23:59", "2026-03-01T00:01")]),
+    # Weeks are ISO weeks: 2026-03-09 and 2026-03-16 are Mondays.
+    ("2026-03-09T00:00", "2026-03-16T00:00", "week",
+     [("week", "2026-03-09T00:00", "2026-03-16T00:00")]),
+    ("2026-03-09T00:00", "2026-03-16T00:00", "day",  # capped: the same week as days
+     [("day", "2026-03-09T00:00", "2026-03-16T00:00")]),
+    ("2026-03-10T00:00", "2026-03-16T00:00", "week",  # six days, no whole week
+     [("day", "2026-03-10T00:00", "2026-03-16T00:00")]),
+    ("2026-03-08T22:30", "2026-03-24T01:15", "week",  # a Sunday to a Tuesday
+     [("minute", "2026-03-08T22:30", "2026-03-08T23:00"),
+      ("hour", "2026-03-08T23:00", "2026-03-09T00:00"),
+      ("week", "2026-03-09T00:00", "2026-03-23T00:00"),
+      ("day", "2026-03-23T00:00", "2026-03-24T00:00"),
+      ("hour", "2026-03-24T00:00", "2026-03-24T01:00"),
+      ("minute", "2026-03-24T01:00", "2026-03-24T01:15")]),
+    ("2026-10-29T02:10", "2026-11-27T14:10", "week",  # the 30-day benchmark window
+     [("minute", "2026-10-29T02:10", "2026-10-29T03:00"),
+      ("hour", "2026-10-29T03:00", "2026-10-30T00:00"),
+      ("day", "2026-10-30T00:00", "2026-11-02T00:00"),
+      ("week", "2026-11-02T00:00", "2026-11-23T00:00"),
+      ("day", "2026-11-23T00:00", "2026-11-27T00:00"),
+      ("hour", "2026-11-27T00:00", "2026-11-27T14:00"),
+      ("minute", "2026-11-27T14:00", "2026-11-27T14:10")]),
+    ("2026-12-28T00:00", "2027-01-11T00:00", "week",  # across a year: ISO weeks 53 and 1
+     [("week", "2026-12-28T00:00", "2027-01-11T00:00")]),
+    ("2026-03-15T23:59", "2026-03-16T00:01", "week",  # Sunday to Monday, nothing whole
+     [("minute", "2026-03-15T23:59", "2026-03-16T00:01")]),
 ]
 
 
@@ -56,8 +82,9 @@ def test_split_window(since: str, until: str, coarsest: str,
 
 
 @pytest.mark.parametrize(("since", "until"), [(t(a), t(b)) for a, b, _, _ in CASES])
-def test_pieces_tile_the_window(since: datetime, until: datetime) -> None:
-    pieces = split_window(since, until)
+@pytest.mark.parametrize("coarsest", ["day", "week"])
+def test_pieces_tile_the_window(since: datetime, until: datetime, coarsest: str) -> None:
+    pieces = split_window(since, until, coarsest=coarsest)  # type: ignore[arg-type]
     edges = [since] + [p.end for p in pieces]
     assert [p.start for p in pieces] == edges[:-1]  # contiguous, in order
     assert edges[-1] == until
@@ -75,7 +102,7 @@ def test_other_offsets_mean_the_same_instant() -> None:
     (t("2026-03-10T00:00:30"), t("2026-03-11T00:00"), "day", "whole minutes"),
     (t("2026-03-10T00:00"), t("2026-03-10T00:00:00.5"), "day", "whole minutes"),
     (t("2026-03-11T00:00"), t("2026-03-10T00:00"), "day", "after"),
-    (t("2026-03-10T00:00"), t("2026-03-11T00:00"), "week", "unknown tier"),
+    (t("2026-03-10T00:00"), t("2026-03-11T00:00"), "month", "unknown tier"),
 ])
 def test_bad_windows_are_refused(since: datetime, until: datetime, coarsest: str,
                                  message: str) -> None:
