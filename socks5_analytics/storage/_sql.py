@@ -300,11 +300,11 @@ _DEFERRED_TABLES = ", ".join(f"'{rollup.tier_table(tier)}'" for rollup in ROLLUP
 
 # The first day every rollup still has (the daily domain tier's oldest partition), for
 # readers of the weekly tier: a week whose Monday is gone is read from its remaining days.
+# (Names through regclass, not a join with pg_class: the planner would scan all of it.)
 OLDEST_DAY = (
-    "(SELECT min(to_date(substring(c.relname from '_p([0-9]{8})$'), 'YYYYMMDD'))"
-    "::timestamp AT TIME ZONE 'UTC' FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-    "WHERE i.inhparent = 'rollup_domains_day'::regclass AND NOT i.inhdetachpending "
-    "AND c.relname ~ '_p[0-9]{8}$')"
+    "(SELECT min(to_date(substring(i.inhrelid::regclass::text from '_p([0-9]{8})$'), "
+    "'YYYYMMDD'))::timestamp AT TIME ZONE 'UTC' FROM pg_inherits i "
+    "WHERE i.inhparent = 'rollup_domains_day'::regclass AND NOT i.inhdetachpending)"
 )
 
 # Takes up to $1 queued rows and adds them to every tier of the deferred rollups, all in the

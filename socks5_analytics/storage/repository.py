@@ -250,7 +250,7 @@ def _choose_rollup(
 
 def _rollup_source(
     rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, where: _Where,
-    *, coarsest: Tier = "day", condition: str | None = None,
+    *, coarsest: Tier = "week", condition: str | None = None,
 ) -> str:
     """A FROM item with `rollup`'s rows for [since, until) that match the filters.
 
