@@ -72,7 +72,7 @@ from socks5_analytics.storage.schema import (
     PARTITIONED_TABLES,
     WEEKLY_TABLES,
 )
-from socks5_analytics.storage.tiers import Tier, split_window
+from socks5_analytics.storage.tiers import Tier, split_window, split_window_for_sums
 from socks5_analytics.storage.validation import check_event, check_interim
 
 __all__ = ["Repository"]
@@ -251,6 +251,7 @@ def _choose_rollup(
 def _rollup_source(
     rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, where: _Where,
     *, coarsest: Tier = "week", condition: str | None = None,
+    sums_as_of: datetime | None = None,
 ) -> str:
     """A FROM item with `rollup`'s rows for [since, until) that match the filters.
 
@@ -258,6 +259,10 @@ def _rollup_source(
     minutes (`tiers.split_window`); a deferred family adds what is still queued. One
     statement, so one snapshot: a roll-forward that commits meanwhile moves rows from the
     queue to the tiers without their being counted twice or missed.
+
+    With `sums_as_of` (the time now), a partial day at an end may be read as its daily rows
+    less the rest of it (`tiers.split_window_for_sums`): fewer rows, exact for the sums, but
+    with no maximum (`connect_ms_max` is null) and rows of a key that add up to zero.
     """
     conditions = [f"{_RAW_COLUMN[name]} = {where.param(value)}"
                   for name, value in _active_filters(flt).items()]
@@ -268,9 +273,16 @@ def _rollup_source(
     columns = ", ".join(rollup.row_columns)
     branches = []
     coarsest = min(coarsest, cast(Tier, rollup.tiers[-1]), key=_TIER_ORDER.index)
-    for piece in split_window(since, until, coarsest=coarsest):
+    pieces = (split_window(since, until, coarsest=coarsest) if sums_as_of is None else
+              split_window_for_sums(since, until, now=sums_as_of, coarsest=coarsest))
+    negated = ", ".join(
+        column if column in ("bucket", *rollup.keys, *(c for c, _, _ in rollup.extra))
+        else "NULL::double precision" if column == "connect_ms_max" else f"-{column}"
+        for column in rollup.row_columns)
+    for piece in pieces:
         start, end = where.param(piece.start), where.param(piece.end)
-        branch = (f"SELECT {columns} FROM {{table}} "
+        selected = columns if piece.sign > 0 else negated
+        branch = (f"SELECT {selected} FROM {{table}} "
                   f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
         if piece.tier != "week":
             branches.append(branch.format(table=rollup.tier_table(piece.tier)))
@@ -777,9 +789,13 @@ class Repository:
         agree with each other as a single statement would.
         """
         first = _Where()
-        source = _rollup_source(rollup, flt, since, until, first)
+        # Sums only, so partial days may be whole days less their rest; a key is in the
+        # window if anything of it is (every rollup row has a connection or bytes).
+        source = _rollup_source(rollup, flt, since, until, first,
+                                sums_as_of=datetime.now(UTC))
         grouped = (f"SELECT {column} AS key, {rank} AS rank FROM {source} "
-                   f"WHERE {column} IS NOT NULL GROUP BY {column}")
+                   f"WHERE {column} IS NOT NULL GROUP BY {column} HAVING sum(connections) <> 0 "
+                   f"OR sum(bytes_in) <> 0 OR sum(bytes_out) <> 0")
         limit_p, offset_p = first.param(limit), first.param(offset)
         page = (f"SELECT *, count(*) OVER () AS total FROM ({grouped}) AS g "
                 f"ORDER BY rank DESC, key LIMIT {limit_p} OFFSET {offset_p}")

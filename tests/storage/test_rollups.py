@@ -331,7 +331,9 @@ def _ragged_windows(rng: random.Random, days: int) -> list[tuple[datetime, datet
     """Windows with seconds at both ends, from a few minutes to all `days` of the data."""
     windows = [(NOW - timedelta(days=days + 1), NOW + timedelta(hours=1)),  # everything
                (NOW - timedelta(hours=30, seconds=7), NOW - timedelta(hours=2, seconds=1)),
-               (NOW - timedelta(minutes=50, seconds=3), NOW - timedelta(minutes=10))]
+               (NOW - timedelta(minutes=50, seconds=3), NOW - timedelta(minutes=10)),
+               # a 20-hour tail day: ranked as its whole day less its last 4 hours
+               (NOW - timedelta(hours=40, seconds=3), NOW - timedelta(hours=16, minutes=30))]
     for _ in range(5):
         since = NOW - timedelta(seconds=rng.uniform(0, 1.1 * days * 86400))
         windows.append((since, since + timedelta(seconds=rng.uniform(60, 0.75 * days * 86400))))

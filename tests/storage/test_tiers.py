@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from socks5_analytics.storage.tiers import Piece, split_window
+from socks5_analytics.storage.tiers import Piece, split_window, split_window_for_sums
 
 
 def t(text: str) -> datetime:
@@ -108,3 +108,56 @@ def test_bad_windows_are_refused(since: datetime, until: datetime, coarsest: str
                                  message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_window(since, until, coarsest=coarsest)  # type: ignore[arg-type]
+
+
+SUMS_CASES = [
+    # (since, until, now, [(tier, start, end, sign), ...]); a day costs 8 hours' rows
+    ("2026-11-26T14:14", "2026-11-27T14:14", "2026-11-27T14:20",  # 24 h up to now
+     [("minute", "2026-11-26T14:14", "2026-11-26T15:00", 1),
+      ("hour", "2026-11-26T15:00", "2026-11-27T00:00", 1),
+      ("day", "2026-11-27T00:00", "2026-11-28T00:00", 1),  # today: nothing after now yet
+      ("minute", "2026-11-27T14:14", "2026-11-27T15:00", -1),
+      ("hour", "2026-11-27T15:00", "2026-11-28T00:00", -1)]),
+    ("2026-11-26T14:14", "2026-11-27T14:14", "2026-12-01T00:00",  # the same, long past
+     [("minute", "2026-11-26T14:14", "2026-11-26T15:00", 1),
+      ("hour", "2026-11-26T15:00", "2026-11-27T00:00", 1),
+      ("hour", "2026-11-27T00:00", "2026-11-27T14:00", 1),
+      ("minute", "2026-11-27T14:00", "2026-11-27T14:14", 1)]),
+    ("2026-10-29T02:13", "2026-11-02T00:00", "2026-12-01T00:00",  # a 22-hour head day
+     [("day", "2026-10-29T00:00", "2026-10-30T00:00", 1),
+      ("hour", "2026-10-29T00:00", "2026-10-29T02:00", -1),
+      ("minute", "2026-10-29T02:00", "2026-10-29T02:13", -1),
+      ("day", "2026-10-30T00:00", "2026-11-02T00:00", 1)]),
+    ("2026-03-10T01:00", "2026-03-10T23:30", "2026-12-01T00:00",  # inside one day
+     [("day", "2026-03-10T00:00", "2026-03-11T00:00", 1),
+      ("hour", "2026-03-10T00:00", "2026-03-10T01:00", -1),
+      ("minute", "2026-03-10T23:30", "2026-03-11T00:00", -1)]),
+    ("2026-03-10T10:00", "2026-03-10T12:00", "2026-03-10T12:00",  # short: no gain
+     [("hour", "2026-03-10T10:00", "2026-03-10T12:00", 1)]),
+    ("2026-03-09T00:00", "2026-03-16T00:00", "2026-12-01T00:00",  # whole: as split_window
+     [("week", "2026-03-09T00:00", "2026-03-16T00:00", 1)]),
+]
+
+
+@pytest.mark.parametrize(("since", "until", "now", "expected"), SUMS_CASES)
+def test_split_window_for_sums(since: str, until: str, now: str,
+                               expected: list[tuple[str, str, str, int]]) -> None:
+    pieces = split_window_for_sums(t(since), t(until), now=t(now))
+    assert pieces == tuple(Piece(tier, t(a), t(b), sign)  # type: ignore[arg-type]
+                           for tier, a, b, sign in expected)
+
+
+@pytest.mark.parametrize(("since", "until", "now"), [(t(a), t(b), t(c))
+                                                     for a, b, c, _ in SUMS_CASES])
+def test_signed_pieces_add_up_to_the_window(since: datetime, until: datetime,
+                                            now: datetime) -> None:
+    """Every minute of the window counted once, every other minute zero times."""
+    count: dict[datetime, int] = {}
+    for piece in split_window_for_sums(since, until, now=now):
+        minute = piece.start
+        while minute < piece.end:
+            count[minute] = count.get(minute, 0) + piece.sign
+            minute += timedelta(minutes=1)
+    assert {m for m, n in count.items() if n} == {
+        since + timedelta(minutes=n) for n in range(int((until - since).total_seconds() // 60))}
+    assert set(count.values()) <= {0, 1}
