@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import random
 import signal
 from collections.abc import AsyncIterator
@@ -144,7 +143,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
                 return 1
             log.info("collector listening", address=format_address(*bound), version=__version__,
                      metrics=_address_of(metrics_server), tracing=tracer is not None)
-            _settle_gc()
+            runtime.settle_gc()
             await stop.wait()
             log.info("shutting down", streams=server.servicer.active_streams,
                      held_rows=server.publisher.held_rows)
@@ -157,20 +156,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
                 provider.shutdown()
             stop_metrics(metrics_server)
     return 0
-
-
-# Collect the youngest generation every 10,000 net allocations rather than 700: a batch of
-# 500 events makes a few thousand objects that mostly die with it (by reference count).
-_GC_THRESHOLDS = (10_000, 20, 10)
-
-
-def _settle_gc() -> None:
-    """Leave what start-up made (modules, the suffix list, the pool) out of every garbage
-    collection, and collect less often: with the defaults, collections were about a tenth of
-    the collector's CPU per event, mostly re-scanning objects that live as long as it does."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 def _address_of(server: Any) -> str | None:

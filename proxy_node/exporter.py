@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from proxy_node.convert import event_to_proto, interim_to_proto, timestamp
+from proxy_node.convert import fill_event, interim_to_proto, timestamp
 from proxy_node.events import ConnectionEvent, InterimSample
 from proxy_node.spool import Spool, SpoolPosition
 from socks5_analytics.config import EventSinkSettings, format_address
@@ -203,8 +203,9 @@ class GrpcExporter:
             return None
         batch = ingest.Batch()
         count = 0
+        add_event = batch.events.add
         while events and count < limit:
-            batch.events.append(event_to_proto(events.popleft()))
+            fill_event(add_event(), events.popleft())
             count += 1
         while interims and count < limit:
             batch.interims.append(interim_to_proto(interims.popleft()))

@@ -149,6 +149,7 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     _warn_if_open(host, policy)
+    runtime.settle_gc()
     if ready is not None:
         ready.set()
     if worker == 0:
