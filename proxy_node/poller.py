@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -68,17 +69,16 @@ class Poller:
         self._handlers[fd] = handler
 
     def forget(self, fd: int) -> None:
-        """Stop delivering `fd`'s readiness; call it just before closing the socket, whose
-        close removes the kernel's registration."""
+        """Stop delivering `fd`'s readiness (the kernel's registration stays until the
+        socket is closed; `discard()` does both)."""
         self._handlers.pop(fd, None)
 
-    def unwatch(self, fd: int) -> None:
-        """Forget `fd` and remove its registration (for a socket that stays open)."""
-        if self._handlers.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # already closed
+    def discard(self, sock: socket.socket) -> None:
+        """Forget the socket, then close it (which removes the kernel's registration)."""
+        fd = sock.fileno()
+        if fd >= 0:
+            self._handlers.pop(fd, None)
+        sock.close()
 
     def close(self) -> None:
         """Stop watching everything."""

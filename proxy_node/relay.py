@@ -423,12 +423,8 @@ class TcpRelay:
         if self.closed:
             return
         self.closed = True
-        poller = self.poller
-        for sock in (self.client, self.upstream):
-            fd = sock.fileno()
-            if fd >= 0:
-                poller.forget(fd)
-            sock.close()
+        self.poller.discard(self.client)
+        self.poller.discard(self.upstream)
         self.up.close_pipe()
         self.down.close_pipe()
         if self.timer is not None:

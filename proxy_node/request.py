@@ -103,14 +103,14 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         raise _Expired
     try:
         sock.connect(addr)
+        connected = True
     except (BlockingIOError, InterruptedError):
-        pass
-    else:
-        poller.watch(sock.fileno(), deadline.wake)
-        return
+        connected = False
     # Watched only now: registering reports the current state, so an edge that came
     # before this line is not lost.
     poller.watch(sock.fileno(), deadline.wake)
+    if connected:
+        return
     while True:
         waiter = deadline.waiter = loop.create_future()
         try:
@@ -122,11 +122,6 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
-
-
-def _discard(sock: socket.socket, poller: Poller) -> None:
-    poller.forget(sock.fileno())
-    sock.close()
 
 
 async def dial(
@@ -161,18 +156,18 @@ async def dial(
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await _connect(loop, sock, addr, deadline, poller)
             except OSError as exc:
-                _discard(sock, poller)
+                poller.discard(sock)
                 failure = translate_os_error(exc)
                 continue
             except BaseException:
-                _discard(sock, poller)
+                poller.discard(sock)
                 raise
             if family == socket.AF_INET:  # the address text is already canonical
                 return sock, addr[0]
             try:  # IPv6 text comes in many spellings: the kernel's is canonical
                 return sock, plain_ip(sock.getpeername()[0])
             except BaseException:
-                _discard(sock, poller)
+                poller.discard(sock)
                 raise
     except _Expired:
         raise UpstreamTimeout(f"no connection within {timeout:g} s") from TimeoutError()

@@ -275,8 +275,7 @@ class Session:
             host, port = upstream.getsockname()[:2]
             await self._succeed(reader, host, port)
         except BaseException:
-            server.poller.forget(upstream.fileno())
-            upstream.close()
+            server.poller.discard(upstream)
             raise
         self._start_relay(upstream, reader.take_surplus(), client_empty=reader.drained)
 
@@ -307,8 +306,7 @@ class Session:
             record.dest_ip, record.dest_port = peer_ip, peer_port
             await self._succeed(reader, peer_ip, peer_port)
         except BaseException:
-            server.poller.forget(inbound.fileno())
-            inbound.close()
+            server.poller.discard(inbound)
             raise
         self._start_relay(inbound, reader.take_surplus())
 
@@ -372,8 +370,7 @@ class Session:
         if self.ended:
             return
         self.ended = True
-        self.server.poller.forget(self.sock.fileno())
-        self.sock.close()
+        self.server.poller.discard(self.sock)
         self.server.session_ended(self)
 
 

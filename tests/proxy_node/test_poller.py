@@ -106,21 +106,6 @@ async def test_forgotten_sockets_are_not_reported(pair: tuple[socket.socket, soc
     assert masks
 
 
-async def test_unwatch_then_watch_again(pair: tuple[socket.socket, socket.socket]) -> None:
-    left, right = pair
-    poller = Poller(asyncio.get_running_loop())
-    masks: list[int] = []
-    poller.watch(left.fileno(), masks.append)
-    poller.unwatch(left.fileno())
-    right.send(b"x")
-    await _settle()
-    assert not masks
-    poller.watch(left.fileno(), masks.append)
-    await _settle()
-    poller.close()
-    assert masks and masks[0] & READABLE
-
-
 async def test_a_failing_handler_does_not_lose_the_other_edges() -> None:
     pairs = [socket.socketpair() for _ in range(4)]
     log = _Log()
