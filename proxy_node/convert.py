@@ -56,10 +56,16 @@ def ip_bytes(address: str | None) -> bytes:
     return socket.inet_pton(socket.AF_INET, address)
 
 
+def _seconds_nanos(moment: datetime) -> tuple[int, int]:
+    """An aware datetime as exact Timestamp fields (nanos in [0, 1e9), even before 1970)."""
+    seconds, micros = divmod((moment - _EPOCH) // _MICROSECOND, 1_000_000)
+    return seconds, micros * 1000
+
+
 def timestamp(moment: datetime) -> Timestamp:
     """An exact protobuf Timestamp of an aware datetime."""
-    micros = (moment - _EPOCH) // _MICROSECOND
-    return Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+    seconds, nanos = _seconds_nanos(moment)
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 def event_to_proto(event: ConnectionEvent) -> pb.ConnectionEvent:
@@ -74,12 +80,8 @@ def fill_event(message: pb.ConnectionEvent, event: ConnectionEvent) -> None:
     in place saves a copy and two Timestamp objects per event (6.6 -> 4.3 µs)."""
     message.event_id = event.event_id.bytes
     message.node_id = event.node_id
-    micros = (event.started_at - _EPOCH) // _MICROSECOND
-    message.started_at.seconds, message.started_at.nanos = divmod(micros, 1_000_000)
-    message.started_at.nanos *= 1000
-    micros = (event.ended_at - _EPOCH) // _MICROSECOND
-    message.ended_at.seconds, message.ended_at.nanos = divmod(micros, 1_000_000)
-    message.ended_at.nanos *= 1000
+    message.started_at.seconds, message.started_at.nanos = _seconds_nanos(event.started_at)
+    message.ended_at.seconds, message.ended_at.nanos = _seconds_nanos(event.ended_at)
     message.source_ip = ip_bytes(event.source_ip)
     message.source_port = event.source_port
     message.user = event.user
