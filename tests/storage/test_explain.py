@@ -53,7 +53,10 @@ FROM (
 ) AS generated
 """
 
-_TIERS = ",\n".join(storage_sql.with_tiers(rollup, "facts") for rollup in storage_sql.ROLLUPS)
+_TIERS = ",\n".join([
+    *(storage_sql.with_tiers(rollup, "facts") for rollup in storage_sql.ROLLUPS),
+    storage_sql.with_domain_ranks("rollup_domains_rows"),
+])
 ROLLUPS_FROM_RAW = f"""
 WITH facts AS (
     SELECT date_trunc('minute', started_at) AS bucket, node_id, source_ip, user_name, domain,

@@ -117,8 +117,11 @@ def test_application_constants_match_the_migration() -> None:
     weekly = _migration_module("0003")
     assert weekly.LATENCY_BUCKETS_MS == app_schema.LATENCY_BUCKETS_MS
     assert set(weekly.DAILY_0002) == set(tiers.PARTITIONED)
-    assert set(weekly.WEEKLY) == app_schema.WEEKLY_TABLES
-    assert set(weekly.DAILY_0002 + weekly.WEEKLY) == set(app_schema.PARTITIONED_TABLES)
+    ranks = _migration_module("0004")
+    assert set(ranks.DAILY_0003) == set(weekly.DAILY_0002)
+    assert set(ranks.WEEKLY_0003) == set(weekly.WEEKLY)
+    assert set(ranks.WEEKLY) == app_schema.WEEKLY_TABLES
+    assert set(ranks.DAILY + ranks.WEEKLY) == set(app_schema.PARTITIONED_TABLES)
 
 
 def test_offline_sql_renders() -> None:
@@ -224,5 +227,62 @@ async def test_0003_fills_the_weeks_from_the_days(empty_database_url: str) -> No
             "SELECT s5a_create_day_partitions('2026-03-30', '2026-03-30')")
         assert not any("week" in row[0] for row in created)
         assert "rollup_domains_day_p20260330" in {row[0] for row in created}
+    finally:
+        await connection.close()
+
+
+async def test_0004_fills_the_ranking_tiers(empty_database_url: str) -> None:
+    """Upgrading to 0004 sums a deployed 0003's daily and weekly domain rows over their
+    statuses (partitions made for them), later days get theirs too; downgrading drops the
+    ranking tiers and the partition function makes 0003's tables only again."""
+    await upgrade(empty_database_url, "0003")
+    connection = await asyncpg.connect(empty_database_url, server_settings={"timezone": "UTC"})
+    try:
+        await connection.execute("SELECT s5a_create_day_partitions('2026-03-08', '2026-03-09')")
+        for bucket, status, n in (("2026-03-08", "ok", 2), ("2026-03-08", "refused", 1),
+                                  ("2026-03-09", "ok", 3)):
+            for table in ("rollup_domains_day", "rollup_domains_week"):
+                await connection.execute(
+                    f"INSERT INTO {table} AS r (bucket, domain, registered_domain, status, "
+                    "connections, bytes_in, bytes_out, connect_count, connect_ms_sum, "
+                    "connect_ms_max) VALUES (date_trunc($4, $1::text::timestamptz), "
+                    "'a.example', 'example', $2, $3::bigint, $3 * 10, $3 * 100, $3, $3 * 1.5, "
+                    "$3) ON CONFLICT (bucket, domain, status) DO UPDATE SET "
+                    "connections = r.connections + excluded.connections, "
+                    "bytes_in = r.bytes_in + excluded.bytes_in, "
+                    "bytes_out = r.bytes_out + excluded.bytes_out, "
+                    "connect_count = r.connect_count + excluded.connect_count, "
+                    "connect_ms_sum = r.connect_ms_sum + excluded.connect_ms_sum",
+                    bucket, status, n, "day" if table.endswith("day") else "week")
+        await upgrade(empty_database_url, "0004")
+        ranks = {
+            tier: [tuple(row) for row in await connection.fetch(
+                "SELECT bucket::text, domain, registered_domain, connections, bytes_in, "
+                f"bytes_out, connect_count, connect_ms_sum, tableoid::regclass::text "
+                f"FROM rollup_domain_ranks_{tier} ORDER BY 1")]
+            for tier in ("day", "week")}
+        assert ranks["day"] == [
+            ("2026-03-08 00:00:00+00", "a.example", "example", 3, 30, 300, 3, 4.5,
+             "rollup_domain_ranks_day_p20260308"),
+            ("2026-03-09 00:00:00+00", "a.example", "example", 3, 30, 300, 3, 4.5,
+             "rollup_domain_ranks_day_p20260309")]
+        assert ranks["week"] == [  # 2026-03-08 is a Sunday, 2026-03-09 a Monday
+            ("2026-03-02 00:00:00+00", "a.example", "example", 3, 30, 300, 3, 4.5,
+             "rollup_domain_ranks_week_p20260302"),
+            ("2026-03-09 00:00:00+00", "a.example", "example", 3, 30, 300, 3, 4.5,
+             "rollup_domain_ranks_week_p20260309")]
+        created = {row[0] for row in await connection.fetch(
+            "SELECT s5a_create_day_partitions('2026-03-22', '2026-03-23')")}
+        assert {"rollup_domain_ranks_day_p20260322", "rollup_domain_ranks_week_p20260316",
+                "rollup_domain_ranks_week_p20260323", "rollup_domains_week_p20260323"} <= created
+
+        await downgrade(empty_database_url, "0003")
+        for tier in ("day", "week"):
+            assert await connection.fetchval(
+                f"SELECT to_regclass('rollup_domain_ranks_{tier}')") is None
+        created = {row[0] for row in await connection.fetch(
+            "SELECT s5a_create_day_partitions('2026-03-30', '2026-03-30')")}
+        assert not any("ranks" in name for name in created)
+        assert {"rollup_domains_day_p20260330", "rollup_domains_week_p20260330"} <= created
     finally:
         await connection.close()

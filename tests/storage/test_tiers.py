@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -110,28 +111,38 @@ def test_bad_windows_are_refused(since: datetime, until: datetime, coarsest: str
         split_window(since, until, coarsest=coarsest)  # type: ignore[arg-type]
 
 
+# Costs of one bucket of each tier, in rows, for the cases below (about the proportions of
+# the domain ranking tiers at 10 M events a month).
+COSTS = {"minute": 1, "hour": 24, "day": 110, "week": 130}
+
 SUMS_CASES = [
-    # (since, until, now, [(tier, start, end, sign), ...]); a day costs 8 hours' rows
+    # (since, until, now, [(tier, start, end, sign), ...])
     ("2026-11-26T14:14", "2026-11-27T14:14", "2026-11-27T14:20",  # 24 h up to now
-     [("minute", "2026-11-26T14:14", "2026-11-26T15:00", 1),
-      ("hour", "2026-11-26T15:00", "2026-11-27T00:00", 1),
+     [("hour", "2026-11-26T14:00", "2026-11-27T00:00", 1),  # an hour less 14 minutes
+      ("minute", "2026-11-26T14:00", "2026-11-26T14:14", -1),
       ("day", "2026-11-27T00:00", "2026-11-28T00:00", 1),  # today: nothing after now yet
       ("minute", "2026-11-27T14:14", "2026-11-27T15:00", -1),
       ("hour", "2026-11-27T15:00", "2026-11-28T00:00", -1)]),
     ("2026-11-26T14:14", "2026-11-27T14:14", "2026-12-01T00:00",  # the same, long past
-     [("minute", "2026-11-26T14:14", "2026-11-26T15:00", 1),
-      ("hour", "2026-11-26T15:00", "2026-11-27T00:00", 1),
-      ("hour", "2026-11-27T00:00", "2026-11-27T14:00", 1),
+     [("hour", "2026-11-26T14:00", "2026-11-27T14:00", 1),
+      ("minute", "2026-11-26T14:00", "2026-11-26T14:14", -1),
       ("minute", "2026-11-27T14:00", "2026-11-27T14:14", 1)]),
-    ("2026-10-29T02:13", "2026-11-02T00:00", "2026-12-01T00:00",  # a 22-hour head day
-     [("day", "2026-10-29T00:00", "2026-10-30T00:00", 1),
+    ("2026-10-29T02:13", "2026-11-27T14:14", "2026-11-27T14:20",  # 30 days up to now
+     [("day", "2026-10-29T00:00", "2026-11-02T00:00", 1),  # a 22-hour head day, 3 days
       ("hour", "2026-10-29T00:00", "2026-10-29T02:00", -1),
       ("minute", "2026-10-29T02:00", "2026-10-29T02:13", -1),
-      ("day", "2026-10-30T00:00", "2026-11-02T00:00", 1)]),
+      ("week", "2026-11-02T00:00", "2026-11-30T00:00", 1),  # this week: the rest is future
+      ("minute", "2026-11-27T14:14", "2026-11-27T15:00", -1),
+      ("hour", "2026-11-27T15:00", "2026-11-28T00:00", -1),
+      ("day", "2026-11-28T00:00", "2026-11-30T00:00", -1)]),
     ("2026-03-10T01:00", "2026-03-10T23:30", "2026-12-01T00:00",  # inside one day
      [("day", "2026-03-10T00:00", "2026-03-11T00:00", 1),
       ("hour", "2026-03-10T00:00", "2026-03-10T01:00", -1),
       ("minute", "2026-03-10T23:30", "2026-03-11T00:00", -1)]),
+    ("2026-03-10T10:05", "2026-03-10T10:58", "2026-12-01T00:00",  # inside one hour
+     [("hour", "2026-03-10T10:00", "2026-03-10T11:00", 1),
+      ("minute", "2026-03-10T10:00", "2026-03-10T10:05", -1),
+      ("minute", "2026-03-10T10:58", "2026-03-10T11:00", -1)]),
     ("2026-03-10T10:00", "2026-03-10T12:00", "2026-03-10T12:00",  # short: no gain
      [("hour", "2026-03-10T10:00", "2026-03-10T12:00", 1)]),
     ("2026-03-09T00:00", "2026-03-16T00:00", "2026-12-01T00:00",  # whole: as split_window
@@ -142,9 +153,23 @@ SUMS_CASES = [
 @pytest.mark.parametrize(("since", "until", "now", "expected"), SUMS_CASES)
 def test_split_window_for_sums(since: str, until: str, now: str,
                                expected: list[tuple[str, str, str, int]]) -> None:
-    pieces = split_window_for_sums(t(since), t(until), now=t(now))
+    pieces = split_window_for_sums(t(since), t(until), now=t(now), costs=COSTS)  # type: ignore[arg-type]
     assert pieces == tuple(Piece(tier, t(a), t(b), sign)  # type: ignore[arg-type]
                            for tier, a, b, sign in expected)
+
+
+def _minute_counts(pieces: tuple[Piece, ...]) -> dict[datetime, int]:
+    count: dict[datetime, int] = {}
+    for piece in pieces:
+        minute = piece.start
+        while minute < piece.end:
+            count[minute] = count.get(minute, 0) + piece.sign
+            minute += timedelta(minutes=1)
+    return count
+
+
+def _window_minutes(since: datetime, until: datetime) -> set[datetime]:
+    return {since + timedelta(minutes=n) for n in range(int((until - since).total_seconds() // 60))}
 
 
 @pytest.mark.parametrize(("since", "until", "now"), [(t(a), t(b), t(c))
@@ -152,12 +177,48 @@ def test_split_window_for_sums(since: str, until: str, now: str,
 def test_signed_pieces_add_up_to_the_window(since: datetime, until: datetime,
                                             now: datetime) -> None:
     """Every minute of the window counted once, every other minute zero times."""
-    count: dict[datetime, int] = {}
-    for piece in split_window_for_sums(since, until, now=now):
-        minute = piece.start
-        while minute < piece.end:
-            count[minute] = count.get(minute, 0) + piece.sign
-            minute += timedelta(minutes=1)
-    assert {m for m, n in count.items() if n} == {
-        since + timedelta(minutes=n) for n in range(int((until - since).total_seconds() // 60))}
+    count = _minute_counts(split_window_for_sums(since, until, now=now, costs=COSTS))  # type: ignore[arg-type]
+    assert {m for m, n in count.items() if n} == _window_minutes(since, until)
     assert set(count.values()) <= {0, 1}
+
+
+_LENGTHS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
+            "day": timedelta(days=1), "week": timedelta(weeks=1)}
+
+
+def _rows(pieces: tuple[Piece, ...], now: datetime, costs: dict[str, float]) -> float:
+    """Rows the pieces read by `costs`; buckets that begin after now are empty."""
+    total = 0.0
+    for piece in pieces:
+        bucket = piece.start
+        while bucket < piece.end:
+            total += costs[piece.tier] if bucket < now else 0.0
+            bucket += _LENGTHS[piece.tier]
+    return total
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_windows_are_exact_and_never_cost_more(seed: int) -> None:
+    """Random windows (a minute to five weeks), nows and costs: the signed pieces count
+    each minute of the window once and no other, are aligned to their tiers, and never
+    read more rows than the plain split."""
+    rng = random.Random(seed)
+    base = t("2026-03-02T00:00")  # a Monday
+    since = base + timedelta(minutes=rng.randrange(0, 5 * 7 * 1440))
+    until = since + timedelta(minutes=rng.choice([
+        rng.randrange(1, 120), rng.randrange(60, 3 * 1440), rng.randrange(1440, 36 * 1440)]))
+    now = since + (until - since) * rng.uniform(-0.2, 1.3)
+    now = now.replace(second=0, microsecond=0)
+    hour = rng.uniform(2, 60)
+    day = hour * rng.uniform(1.5, 20)
+    costs = {"minute": 1.0, "hour": hour, "day": day, "week": day * rng.uniform(1.0, 6.0)}
+    pieces = split_window_for_sums(since, until, now=now, costs=costs)  # type: ignore[arg-type]
+    count = _minute_counts(pieces)
+    assert {m for m, n in count.items() if n} == _window_minutes(since, until)
+    assert set(count.values()) <= {0, 1}
+    for piece in pieces:
+        assert piece.start < piece.end and piece.sign in (1, -1)
+        assert split_window(piece.start, piece.end, coarsest=piece.tier)[0].tier == piece.tier
+        assert (piece.end - piece.start) % _LENGTHS[piece.tier] == timedelta(0)
+    plain = split_window(since, until, coarsest="week")
+    assert _rows(pieces, now, costs) <= _rows(plain, now, costs)
