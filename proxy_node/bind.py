@@ -2,7 +2,8 @@
 
 The listening socket is bound on the address this host would use to reach DST.ADDR (the
 address the application server is told to connect to), on a fresh port. When DST.ADDR is a
-specific IP, only a connection from that IP is taken; others are closed and the wait goes on.
+specific IP, or a name (resolved to its addresses), only a connection from one of those
+addresses is taken; others are closed and the wait goes on.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def _route_source(ip: str, fallback: str) -> str:
         return fallback
 
 
-def open_listener(expected_ip: str | None, control_local_ip: str) -> socket.socket:
-    """A listening socket for the inbound connection the client expects."""
+def open_listener(expected: frozenset[str] | None, control_local_ip: str) -> socket.socket:
+    """A listening socket for the inbound connection the client expects: on the address
+    that routes to the expected host (one of the control connection's family if any)."""
     host = control_local_ip
-    if expected_ip is not None:
-        host = _route_source(expected_ip, control_local_ip)
+    if expected:
+        v6 = ":" in control_local_ip
+        target = min(expected, key=lambda ip: ((":" in ip) != v6, ip))
+        host = _route_source(target, control_local_ip)
     family, addr = sockaddr_for(host, 0)
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -45,16 +49,17 @@ def open_listener(expected_ip: str | None, control_local_ip: str) -> socket.sock
 
 
 async def accept_one(
-    listener: socket.socket, expected_ip: str | None, timeout: float
+    listener: socket.socket, expected: frozenset[str] | None, timeout: float
 ) -> tuple[socket.socket, str, int]:
-    """The first inbound connection from `expected_ip` (any when None), within `timeout`."""
+    """The first inbound connection from an `expected` address (any when None), within
+    `timeout`."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             while True:
                 sock, addr = await loop.sock_accept(listener)
                 peer_ip = plain_ip(addr[0])
-                if expected_ip is None or peer_ip == expected_ip:
+                if expected is None or peer_ip in expected:
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     return sock, peer_ip, addr[1]

@@ -281,13 +281,18 @@ class Session:
 
     async def _bind(self, reader: HandshakeReader, dest: Destination) -> None:
         server = self.server
-        expected = None if dest.is_domain or dest.host in _UNSPECIFIED else dest.host
+        rules = server.rules
+        expected: frozenset[str] | None = None  # who may connect (RFC 1928 §4: DST.ADDR)
         if dest.is_domain:
-            server.rules.check_domain("bind", dest.host, dest.port)
-        elif expected is not None:
-            server.rules.check_destination("bind", dest.host, expected, dest.port)
+            rules.check_domain("bind", dest.host, dest.port)
+            candidates = await server.resolver.resolve(dest.host, dest.port)
+            allowed = rules.allowed_addresses("bind", dest.host, dest.port, candidates)
+            expected = frozenset(plain_ip(addr[0]) for _, addr in allowed)
+        elif dest.host not in _UNSPECIFIED:
+            rules.check_destination("bind", dest.host, dest.host, dest.port)
+            expected = frozenset((dest.host,))
         else:
-            server.rules.check_command("bind")
+            rules.check_command("bind")
         listener = open_listener(expected, plain_ip(self.sock.getsockname()[0]))
         try:
             host, port = listener.getsockname()[:2]
