@@ -21,6 +21,7 @@ from proxy_node.wire import (
 __all__ = [
     "ConnectionNotAllowed",
     "HostUnreachable",
+    "LocalFailure",
     "NetworkUnreachable",
     "ProxyError",
     "ResolutionFailed",
@@ -38,6 +39,10 @@ class ProxyError(Exception):
 
 class ConnectionNotAllowed(ProxyError):
     """The rule set denies this destination."""
+
+
+class LocalFailure(ProxyError):
+    """A socket call of the proxy's own failed (out of descriptors or buffers): REP 0x01."""
 
 
 class UpstreamError(ProxyError):

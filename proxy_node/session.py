@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
-from proxy_node.errors import ConnectionNotAllowed, ProxyError, outcome_for
+from proxy_node.errors import ConnectionNotAllowed, LocalFailure, ProxyError, outcome_for
 from proxy_node.events import ConnectionRecord, InterimSample
 from proxy_node.gatekeeper import Admission
 from proxy_node.handshake import (
@@ -200,6 +200,11 @@ class Session:
         except (ProxyError, WireError) as exc:
             await self._reply_failure(reader, exc)
             raise
+        except OSError as exc:  # a socket of the proxy's own failed (EMFILE, ENOBUFS ...)
+            await self._reply_failure(reader, exc)  # RFC 1928 §6: still a reply, 0x01
+            server.log.warning("request failed locally", command=record.command,
+                               error=exc.strerror or type(exc).__name__)
+            raise LocalFailure(str(exc)) from exc
 
     async def _check_password(self, credentials: AuthRequest) -> bool:
         """RFC 1929 verification with throttling and per-user limits; sets the status."""

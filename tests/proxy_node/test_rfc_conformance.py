@@ -8,12 +8,18 @@ the standalone probe). Raw sockets, byte-exact; loopback only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import resource
 import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 from proxy_harness import (
     BIND,
+    CONNECT,
     DEADLINE,
+    UDP_ASSOCIATE,
     ProxyProcess,
     Tunnel,
     is_closed_by_peer,
@@ -96,3 +102,46 @@ async def test_bind_to_an_unresolvable_name_is_host_unreachable(proxy: ProxyProc
     await control.close()
     event = await proxy.event_for(control.local_port)
     assert (event["status"], event["reply_code"]) == ("dns_failed", 4)
+
+
+# -- RFC 1928 §6: every failure is answered, even one of the proxy's own -----------------------
+
+
+@contextlib.contextmanager
+def _one_free_descriptor(pid: int) -> Iterator[None]:
+    """Lower the process's descriptor limit so that exactly one descriptor number is left
+    (the next accept takes it, and the request's own socket then fails with EMFILE)."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    free = next(n for n in range(len(used) + 1) if n not in used)
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (free + 1, free + 1))
+    except (PermissionError, ValueError) as exc:
+        pytest.skip(f"cannot lower the proxy's descriptor limit: {exc}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(PermissionError, ValueError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+
+
+@pytest.mark.parametrize(
+    ("cmd", "host"),
+    [(CONNECT, "127.0.0.1"), (BIND, "0.0.0.0"), (UDP_ASSOCIATE, "0.0.0.0")],
+    ids=["connect", "bind", "udp-associate"],
+)
+async def test_out_of_descriptors_is_a_general_failure_reply(
+    proxy_factory: Callable[..., ProxyProcess], cmd: int, host: str
+) -> None:
+    """A socket the proxy cannot open for the request (EMFILE) is REP 0x01, then a close;
+    not a silent close with a traceback in the log."""
+    proxy = proxy_factory()
+    proxy.allow_errors = True  # the accept loop's own EMFILE is logged as an error
+    with _one_free_descriptor(proxy.pid):
+        control = await proxy.request(cmd, host, 9)
+        assert control.reply.rep == 0x01
+        assert await is_closed_by_peer(control.reader)
+        await control.close()
+    event = await proxy.event_for(control.local_port)
+    assert (event["status"], event["reply_code"], event["close_reason"]) == ("error", 1, "error")
+    assert not [line for line in proxy.problems() if "accept failed" not in line]
