@@ -11,8 +11,12 @@ import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import socket
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from proxy_harness import (
@@ -145,3 +149,53 @@ async def test_out_of_descriptors_is_a_general_failure_reply(
     event = await proxy.event_for(control.local_port)
     assert (event["status"], event["reply_code"], event["close_reason"]) == ("error", 1, "error")
     assert not [line for line in proxy.problems() if "accept failed" not in line]
+
+
+# -- a Chromium-style client: greeting offering only 0x00, the name sent as ATYP 0x03 ----------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-deps)")
+async def test_chromium_fetches_a_page_through_the_proxy(
+    tmp_path: Path, http_server: tuple[str, int]
+) -> None:
+    """Chromium's SOCKS5 client (no-auth only, domain ATYP, reads the reply header in two
+    parts) loads a plain-HTTP page: no HTTP CONNECT, the bytes go straight through."""
+    proxy = ProxyProcess(tmp_path / "proxy", {})
+    # Only localhost may be reached, so Chromium's own background requests (if any get
+    # through the flags below) are refused by name before any DNS query.
+    proxy.write_policy(
+        {},
+        destinations={
+            "block_private": False,
+            "rules": [{"action": "allow", "domains": ["localhost"]}, {"action": "deny"}],
+        },
+    )
+    proxy.start()
+    _, port = http_server
+    assert CHROMIUM is not None
+    try:
+        with tempfile.TemporaryDirectory(prefix="s5a-chromium-") as profile:
+            command = [
+                CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-quic",
+                f"--user-data-dir={profile}",
+                f"--proxy-server=socks5://127.0.0.1:{proxy.port}",
+                "--proxy-bypass-list=<-loopback>",  # loopback goes through the proxy too
+                "--dump-dom", f"http://localhost:{port}/page",
+            ]  # fmt: skip
+            done = await asyncio.to_thread(
+                subprocess.run, command, capture_output=True, timeout=120, check=False
+            )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+        assert b"Error code: 404" in done.stdout, done.stdout[-500:]  # HttpHandler's answer
+        events = await proxy.wait_events(lambda e: e["domain"] == "localhost")
+        assert all(e["command"] == "connect" for e in events)
+        served = [e for e in events if e["status"] == "ok" and e["bytes_in"] > 0]
+        assert served, events
+        assert (served[0]["dest_port"], served[0]["reply_code"]) == (port, 0)
+    finally:
+        proxy.stop()
+    assert not proxy.problems(), proxy.problems()
