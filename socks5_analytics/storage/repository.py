@@ -29,6 +29,7 @@ import base64
 import binascii
 import contextlib
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -117,6 +118,8 @@ _ROLLUP_LATENCY = ("coalesce(sum(connect_count), 0) AS n, "
                    "coalesce(sum(connect_ms_sum), 0) AS total_ms, "
                    f"max(connect_ms_max) AS max_ms, {_sql.HISTOGRAM_SUMS_AS}")
 _TIER_ORDER: tuple[Tier, ...] = ("minute", "hour", "day", "week")
+# The integer sums of a ranking statement (its counts and bytes).
+_INTEGER_SUM = re.compile(r"\bsum\((connections|bytes_in|bytes_out|connect_count)\)")
 # The coarsest tier whose buckets each interval's buckets are made of.
 _COARSEST: dict[str, Tier] = {"1m": "minute", "5m": "minute", "1h": "hour", "1d": "day"}
 # date_bin's origin: buckets of every interval start at whole UTC minutes, hours, days.
@@ -839,14 +842,14 @@ class Repository:
                    f"WHERE {column} IS NOT NULL GROUP BY {column} HAVING sum(connections) <> 0 "
                    f"OR sum(bytes_in) <> 0 OR sum(bytes_out) <> 0")
         limit_p, offset_p = first.param(limit), first.param(offset)
-        page = (f"SELECT *, count(*) OVER () AS total FROM ({grouped}) AS g "
-                f"ORDER BY rank DESC, key LIMIT {limit_p} OFFSET {offset_p}")
         async with self._connection() as connection, connection.transaction(
                 isolation="repeatable_read", readonly=True):
-            # One hash aggregate over at most a few hundred thousand narrow rows: parallel
-            # workers' start-up and their sorted merge cost more than they save (at 10 M
-            # events, 24 h: 46-50 ms serial, 80-110 ms with 2 workers, on 2 busy cores).
-            await connection.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            if await connection.fetchval(_sql.RANKING_SETUP):
+                # Every count and byte sum of this snapshot fits a double exactly (see
+                # _sql.RANKING_SETUP): sum them as doubles, ~20 % faster than as numerics.
+                grouped = _INTEGER_SUM.sub(r"sum(\1::float8)", grouped)
+            page = (f"SELECT *, count(*) OVER () AS total FROM ({grouped}) AS g "
+                    f"ORDER BY rank DESC, key LIMIT {limit_p} OFFSET {offset_p}")
             ranked = await connection.fetch(page, *first.args)
             if not ranked:
                 if offset == 0:

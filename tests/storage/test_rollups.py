@@ -497,3 +497,25 @@ async def test_an_empty_window_with_filters(repo: Repository) -> None:
     assert (await repo.latency(flt=StatsFilter(since=at, until=at,
                                                source_ip=IPv4Address("192.0.2.1")))).count == 0
     assert (await repo.statuses(flt=StatsFilter(since=at, until=at, node="n"))).total == 0
+
+
+@pytest.mark.parametrize("huge", [False, True])
+async def test_rankings_stay_exact_beyond_what_a_double_holds(huge: bool,
+                                                              repo: Repository) -> None:
+    """Rankings sum counts and bytes as doubles only while every partial sum fits one
+    exactly; past 2^51 bytes stored they stay numeric: 2^60 + 1 bytes still rank above
+    2^60, which a double cannot tell apart."""
+    base = 2**60 if huge else 2**40
+    events = [make_event(domain="a.example", registered_domain="a.example", bytes_in=base,
+                         bytes_out=0),
+              make_event(domain="b.example", registered_domain="b.example", bytes_in=base,
+                         bytes_out=1),
+              make_event(domain="b.example", registered_domain="b.example", bytes_in=0,
+                         bytes_out=0, started_at=NOW - timedelta(days=3))]
+    await repo.insert_batch(events=events, now=NOW)
+    # A window whose days are read less their hours: the byte sums subtract.
+    flt = StatsFilter(since=NOW - timedelta(days=4, hours=2), until=NOW + timedelta(hours=1))
+    repo.clock = lambda: NOW + timedelta(days=30)
+    page = await repo.top_domains(flt=flt, sort="bytes")
+    assert [(d.domain, d.bytes_total, d.connections) for d in page.items] == [
+        ("b.example", base + 1, 2), ("a.example", base, 1)]
