@@ -13,9 +13,10 @@ import os
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,25 @@ from proxy_harness import (
     BIND,
     CONNECT,
     DEADLINE,
+    HAS_IPV6,
+    HTTP_BODY,
     UDP_ASSOCIATE,
     ProxyProcess,
+    TcpServer,
     Tunnel,
+    UdpClient,
+    UdpEcho,
+    auth_request,
+    greeting,
     is_closed_by_peer,
+    parse_udp_datagram,
+    socks_request,
+    udp_datagram,
 )
+
+USERS = {"carol": "conformance"}
+EchoFactory = Callable[..., Awaitable[UdpEcho]]
+ClientFactory = Callable[..., UdpClient]
 
 
 def _loopback_alias(ip: str) -> bool:
@@ -41,9 +56,206 @@ def _loopback_alias(ip: str) -> bool:
 
 
 needs_loopback_aliases = pytest.mark.skipif(
-    not (_loopback_alias("127.0.0.2") and _loopback_alias("127.0.0.3")),
+    not all(_loopback_alias(ip) for ip in ("127.0.0.2", "127.0.0.3")),
     reason="127.0.0.2 and 127.0.0.3 are not usable here",
 )
+
+
+@pytest.fixture(scope="module")
+def users_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """A proxy whose policy lists a user: RFC 1929 required."""
+    proc = ProxyProcess(tmp_path_factory.mktemp("users-proxy"), {}, users=USERS).start()
+    yield proc
+    proc.stop()
+    assert not proc.problems(), "\n".join(proc.problems())
+
+
+async def _read(reader: asyncio.StreamReader, count: int) -> bytes:
+    return await asyncio.wait_for(reader.readexactly(count), DEADLINE)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on (held bound, so no one else takes it meanwhile)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# -- §6 replies: the layout, byte by byte, and the close after a failure ------------------------
+
+FAILURE_TAIL = b"\x00\x01" + bytes(6)  # RSV, ATYP IPv4, 0.0.0.0, port 0
+
+
+async def test_ipv6_connect_reply_is_atyp_4_with_the_address_used(
+    proxy: ProxyProcess, echo_server6: TcpServer
+) -> None:
+    reader, writer = await proxy.raw()
+    writer.write(greeting(b"\x00"))
+    assert await _read(reader, 2) == b"\x05\x00"
+    writer.write(socks_request(CONNECT, "::1", echo_server6.port))
+    reply = await _read(reader, 22)  # VER REP RSV ATYP, 16 address bytes, 2 port bytes
+    assert reply[:4] == b"\x05\x00\x00\x04"
+    writer.write(b"v6")
+    assert await _read(reader, 2) == b"v6"
+    peer_ip, peer_port = echo_server6.peers[0][:2]
+    assert reply[4:] == socket.inet_pton(socket.AF_INET6, peer_ip) + struct.pack("!H", peer_port)
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "rep"),
+    [
+        (b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x50", 0x07),  # CMD 0x00
+        (b"\x05\xff\x00\x03\x09localhost\x00\x50", 0x07),  # CMD 0xFF, by name
+        (b"\x05\x01\x00\x00\x7f\x00\x00\x01\x00\x50", 0x08),  # ATYP 0x00
+        (b"\x05\x01\x00\xff\x7f\x00\x00\x01\x00\x50", 0x08),  # ATYP 0xFF
+    ],
+    ids=["cmd-0x00", "cmd-0xff-domain", "atyp-0x00", "atyp-0xff"],
+)
+async def test_failure_reply_bytes_then_close(
+    proxy: ProxyProcess, request_bytes: bytes, rep: int
+) -> None:
+    reader, writer = await proxy.raw()
+    writer.write(greeting(b"\x00") + request_bytes)
+    assert await _read(reader, 12) == b"\x05\x00" + bytes((5, rep)) + FAILURE_TAIL
+    assert await is_closed_by_peer(reader)  # §6: the server terminates the connection
+    writer.close()
+
+
+async def test_failure_reply_reaches_a_client_that_pipelined_data(
+    proxy: ProxyProcess, closed_port: int
+) -> None:
+    """Data pipelined after a request that fails is never read: the reply still arrives
+    whole before the connection ends."""
+    reader, writer = await proxy.raw()
+    writer.write(
+        greeting(b"\x00") + socks_request(CONNECT, "127.0.0.1", closed_port) + bytes(256 * 1024)
+    )
+    assert await _read(reader, 12) == b"\x05\x00\x05\x05" + FAILURE_TAIL
+    assert await is_closed_by_peer(reader)
+    writer.transport.abort()
+
+
+# -- RFC 1929 ----------------------------------------------------------------------------------
+
+
+async def test_auth_with_another_subnegotiation_version_fails_and_closes(
+    users_proxy: ProxyProcess,
+) -> None:
+    reader, writer = await users_proxy.raw()
+    writer.write(greeting(b"\x02"))
+    assert await _read(reader, 2) == b"\x05\x02"
+    writer.write(b"\x05" + auth_request("carol", USERS["carol"])[1:])  # VER 5, not 1
+    status = await _read(reader, 2)
+    assert status[0] == 0x01 and status[1] != 0x00, status
+    assert await is_closed_by_peer(reader)  # RFC 1929 §2: a failure MUST close
+    writer.close()
+
+
+async def test_truncated_auth_then_eof_closes_without_success(
+    users_proxy: ProxyProcess,
+) -> None:
+    reader, writer = await users_proxy.raw()
+    writer.write(greeting(b"\x02") + auth_request("carol", USERS["carol"])[:-3])
+    writer.write_eof()
+    assert await _read(reader, 2) == b"\x05\x02"
+    assert await is_closed_by_peer(reader)  # and no status byte pair before it
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "proxy_args",
+    [
+        ["--proxy", "socks5h://carol:conformance@127.0.0.1:{port}"],
+        ["--proxy", "socks5://carol:conformance@127.0.0.1:{port}"],
+        ["--socks5", "127.0.0.1:{port}", "--proxy-user", "carol:conformance"],
+    ],
+    ids=["socks5h-url", "socks5-url", "socks5-proxy-user"],
+)
+async def test_curl_authenticates_in_every_form(
+    users_proxy: ProxyProcess, http_server: tuple[str, int], curl: str, proxy_args: list[str]
+) -> None:
+    args = [arg.format(port=users_proxy.port) for arg in proxy_args]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [curl, "-sS", "--fail", "--max-time", "20", "--noproxy", "", "--output", "-", *args,
+         f"http://localhost:{http_server[1]}/data"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == HTTP_BODY
+
+
+# -- §7 UDP ASSOCIATE ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "client_ip", "dst"),
+    [
+        ("127.0.0.1:0", "127.0.0.1", "localhost"),
+        ("[::1]:0", "::1", "::1"),
+        ("[::1]:0", "::1", "localhost"),
+    ],
+    ids=["v4-dst-name", "v6-dst-ip", "v6-dst-name"],
+)
+async def test_udp_associate_with_the_client_address_given(
+    proxy_factory: Callable[..., ProxyProcess],
+    udp_echo: EchoFactory,
+    udp_client: ClientFactory,
+    listen: str,
+    client_ip: str,
+    dst: str,
+) -> None:
+    """DST.ADDR/DST.PORT as the client's own (by IP or by name): BND.ADDR is the control
+    connection's local address, in its family; datagrams to every ATYP come back with the
+    RFC header naming their source; another port of the client's host is dropped."""
+    if ":" in client_ip and not HAS_IPV6:
+        pytest.skip("no ::1 on this machine")
+    proxy = proxy_factory(listen=listen)
+    client = udp_client(client_ip)
+    other = udp_client(client_ip)
+    control = await proxy.request(UDP_ASSOCIATE, dst, client.port)
+    assert control.reply.rep == 0
+    assert control.reply.host == control.proxy_side[0] == client_ip
+    relay = (control.reply.host, control.reply.port)
+    echo4 = await udp_echo("127.0.0.1")
+    targets = [("127.0.0.1", echo4, "127.0.0.1"), ("localhost", echo4, "127.0.0.1")]
+    if HAS_IPV6:
+        targets.append(("::1", await udp_echo("::1"), "::1"))
+    for host, echo, source in targets:
+        other.send(udp_datagram(host, echo.port, b"not the client's port"), relay)
+        client.send(udp_datagram(host, echo.port, host.encode()), relay)
+        data, sender = await client.recv()
+        assert sender[:2] == relay
+        assert parse_udp_datagram(data) == (source, echo.port, host.encode())
+    received = [payload for _, echo, _ in targets for payload, _ in echo.received]
+    assert b"not the client's port" not in received
+    assert other.pending() is None
+    await control.close()
+
+
+@pytest.mark.skipif(not _loopback_alias("127.0.0.9"), reason="127.0.0.9 is not usable here")
+async def test_udp_datagrams_from_another_ip_are_dropped(
+    proxy: ProxyProcess, udp_echo: EchoFactory, udp_client: ClientFactory
+) -> None:
+    """§7: the relay MUST drop datagrams from any source IP but the client's, even the
+    first one of an association whose client announced no address (0.0.0.0:0)."""
+    echo = await udp_echo()
+    client = udp_client()
+    stranger = udp_client("127.0.0.9")
+    control = await proxy.request(UDP_ASSOCIATE, "0.0.0.0", 0)
+    assert control.reply.rep == 0
+    relay = (control.reply.host, control.reply.port)
+    stranger.send(udp_datagram(echo.host, echo.port, b"from 127.0.0.9"), relay)
+    stranger.send(b"\x00\x00\x00\x02" + bytes(6) + b"bad ATYP", relay)
+    client.send(b"\x00\x00\x00\x05" + bytes(6) + b"bad ATYP", relay)
+    client.send(udp_datagram(echo.host, echo.port, b"mine"), relay)
+    data, _ = await client.recv()
+    assert parse_udp_datagram(data)[2] == b"mine"
+    assert [payload for payload, _ in echo.received] == [b"mine"]
+    assert stranger.pending() is None
+    await control.close()
 
 
 async def _stranger_is_turned_away(control: Tunnel, source_ip: str) -> None:
