@@ -25,7 +25,12 @@ writers) for the whole run, all on loopback. Three parts (issue 4's targets in b
    every row.
 3. The proxy's connection rate with the pipeline on (events.sink: grpc to the collector) and
    off (events.sink: none), a fresh proxy per mode and run, measured like bench/run.py's
-   conn_ipv4 scenario (bench/loadgen.c) [the pipeline costs < 10 %].
+   conn_ipv4 scenario (bench/loadgen.c) [the pipeline costs < 10 %]. Modes: off, on (same
+   priority), on-nice (the collector's and PostgreSQL's process trees and session groups at
+   nice 19), on-stub (a stub collector process that acknowledges each batch without storing
+   it: the exporter's own cost, without the collector and database sharing the cores). For
+   each mode also the share of the run the proxy's threads were runnable but waiting for a
+   CPU another task held (/proc/<tid>/schedstat): the co-located pipeline's CPU taken from it.
 
 Progress on stderr; markdown on stdout and bench/results/pipeline-<time>.{json,md}.
 """
@@ -151,6 +156,63 @@ class CollectorProcess:
                 self.process.kill()
                 self.process.wait()
         self._pump.join(5)
+
+
+class StubCollector:
+    """A collector stand-in in its own process: acknowledges every batch at once, stores
+    nothing. The pipeline-on proxy's cost against it is the exporter's own."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("S5A_", "OTEL_"))}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-stub-collector"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True, text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line:
+            raise RuntimeError("the stub collector did not start")
+        self.address = line
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def serve_stub_collector() -> None:
+    """The stub collector's process: print the address, then ack batches until killed."""
+
+    async def stream(requests: Any, context: Any) -> Any:
+        async for raw in requests:
+            request = ingest.IngestRequest.FromString(raw)
+            if request.WhichOneof("kind") == "batch":
+                batch = request.batch
+                yield ingest.IngestResponse(ack=ingest.Ack(
+                    sequence=batch.sequence, inserted=len(batch.events) + len(batch.interims),
+                )).SerializeToString()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "traffic.v1.IngestService",
+            {"Stream": grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=None, response_serializer=None)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 # -- load: gRPC streams like the exporter's ----------------------------------------------------
@@ -380,15 +442,22 @@ class SinkOurs(Ours):
                 f"S5A_PROXY__EVENTS__SPOOL_DIR={workdir / 'spool'}", *argv]
 
 
-CONN_MODES = ("off", "on", "on-nice")
+CONN_MODES = ("off", "on", "on-nice", "on-stub")
 
 
 def renice(roots: list[int | None], niceness: int) -> None:
     """Set the niceness of every thread of the process trees (Linux niceness is per thread;
-    threads and processes started later inherit their parent's)."""
+    threads and processes started later inherit their parent's), and of their session's
+    scheduling group where the kernel groups by session (CONFIG_SCHED_AUTOGROUP, on by
+    default in many distributions): there a thread's niceness only weighs it against its
+    own group, and every group gets an equal share of a contended CPU."""
     for root in roots:
         if not root:
             continue
+        try:
+            Path(f"/proc/{root}/autogroup").write_text(f"{niceness}\n")
+        except OSError:
+            pass  # no autogroup (or not allowed): the per-thread niceness below is what counts
         for pid in tree_pids(root):
             try:
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -401,16 +470,39 @@ def renice(roots: list[int | None], niceness: int) -> None:
                     pass  # gone meanwhile
 
 
+def sched_seconds(root: int) -> tuple[float, float]:
+    """(running, runnable-but-waiting) seconds of every thread of the process tree so far,
+    from /proc/<pid>/task/<tid>/schedstat (0, 0 where the kernel does not keep them)."""
+    running = waiting = 0
+    for pid in tree_pids(root):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+            except OSError:
+                continue
+            running += int(fields[0])
+            waiting += int(fields[1])
+    return running / 1e9, waiting / 1e9
+
+
 def conn_rate(mode: str, proxy: SinkOurs, target: generator.Target, sizes: scenarios.Sizes,
               run: int, out: Collector, workdir: Path) -> int:
-    """One measurement of conn_ipv4 on a fresh proxy; returns connections made."""
+    """One measurement of conn_ipv4 on a fresh proxy; returns connections made. Also
+    records the share of the run the proxy was runnable but kept off a CPU (`wait_share`)."""
     running = start(proxy, auth=False, workdir=workdir)
     try:
         subject = Subject(mode, Hop(running.port), running.pid)
         warm = generator.conn(subject.hop, target, "127.0.0.1", sizes.warmup_count, 3.0,
                               sizes.concurrency)
         before = len(out.raw)
+        wall0, (_, wait0) = time.monotonic(), sched_seconds(running.pid)
         scenarios.measure_conn(subject, target, sizes, run, "ipv4", out)
+        wall, (_, wait1) = time.monotonic() - wall0, sched_seconds(running.pid)
+        out.add(mode, "wait_share", (wait1 - wait0) / max(wall, 1e-3))
         made = warm["completed"] + sum(e["result"]["completed"] for e in out.raw[before:])
         if not running.alive():
             out.note(mode, f"the proxy exited during the run: {running.log_tail()}")
@@ -500,6 +592,9 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                 out = Collector()
                 on = SinkOurs("ours", is_ours=True, collector=collector.address)
                 modes = {"off": SinkOurs("ours", is_ours=True), "on": on, "on-nice": on}
+                stub = StubCollector() if "on-stub" in args.conn_modes else None
+                if stub is not None:
+                    modes["on-stub"] = SinkOurs("ours", is_ours=True, collector=stub.address)
                 made_on = 0
                 before_rows = asyncio.run(count_rows(url, "%"))
                 pipeline_cores: dict[str, list[float]] = {}
@@ -512,7 +607,9 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                         for name in names:
                             if name == "on-nice":
                                 renice([collector.pid, pg_pid], 19)
-                            meter = pgdata.LoadMeter([pg_pid, collector.pid])
+                            pipeline = [stub.pid] if name == "on-stub" and stub else [
+                                pg_pid, collector.pid]
+                            meter = pgdata.LoadMeter(pipeline)
                             rows0 = asyncio.run(count_rows(url, "%"))
                             try:
                                 made = conn_rate(name, modes[name], target, sizes.conn, number,
@@ -524,19 +621,21 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 arrived = asyncio.run(count_rows(url, "%")) - rows0
                                 if name == "on-nice":
                                     renice([collector.pid, pg_pid], 0)
-                            if name != "off":
+                            if name in ("on", "on-nice"):
                                 # +1: the harness's readiness probe is a connection too
                                 lag.setdefault(name, []).append(made + 1 - arrived)
-                            # the collector's and PostgreSQL's share of the machine (the
-                            # meter's "ours" also counts this process, idle meanwhile)
-                            pipeline_cores.setdefault(name, []).append(used["ours_cores"])
-                            if name != "off":
                                 made_on += made
+                            # the collector's and PostgreSQL's (or the stub's) share of the
+                            # machine (the meter's "ours" also counts this process, idle
+                            # meanwhile)
+                            pipeline_cores.setdefault(name, []).append(used["ours_cores"])
                             last = out.samples.get(name, {}).get("conn_ipv4")
                             shown = report.fmt(last[-1]) if last else "-"
                             log(f"conn run {number + 1}/{sizes.conn_runs} pipeline {name}: "
                                 f"{shown} conn/s, other load "
                                 f"{out.raw[-1].get('background_cores', 0):.2f} cores")
+                if stub is not None:
+                    stub.stop()
                 time.sleep(1.0)
                 after_rows = asyncio.run(count_rows(url, "%"))
                 extra["conn"] = {"samples": out.samples, "notes": out.notes, "caps": out.caps,
@@ -603,14 +702,17 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         spent = {k: statistics.median(v)
                  for k, v in conn_result.get("pipeline_cores", {}).items()}
         for mode, label in (("off", "off (sink none)"), ("on", "on (grpc), same priority"),
-                            ("on-nice", "on (grpc), collector and PostgreSQL at nice 19")):
+                            ("on-nice", "on (grpc), collector and PostgreSQL at nice 19"),
+                            ("on-stub", "on (grpc) to a stub collector that only acks")):
             if mode not in conn:
                 continue
-            cores = f"; collector + PostgreSQL {spent[mode]:.2f} cores" if mode in spent else ""
+            who = "stub" if mode == "on-stub" else "collector + PostgreSQL"
+            cores = f"; {who} {spent[mode]:.2f} cores" if mode in spent and mode != "off" else ""
             lines.append(f"| Proxy conn/s, pipeline {label} | {conn[mode]:,.0f} (runs: "
                          f"{_runs(by_mode[mode]['conn_ipv4'])}{cores}) | | |")
         for mode, label in (("on", "same priority"), ("on-nice", "collector and PostgreSQL "
-                                                                 "niced")):
+                                                                 "niced"),
+                            ("on-stub", "stub collector (the exporter alone)")):
             if mode in conn and "off" in conn:
                 cost = 1 - conn[mode] / conn["off"]
                 lines.append(f"| Pipeline's cost to the conn rate, {label} | {cost * 100:.1f} % "
@@ -622,6 +724,12 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         if cpu:
             lines.append("| Proxy CPU per connection, " + " / ".join(cpu) + " | "
                          + " / ".join(f"{v:.0f}" for v in cpu.values()) + " µs | | |")
+        wait = {k: statistics.median(v["wait_share"]) for k, v in by_mode.items()
+                if "wait_share" in v}
+        if wait:
+            lines.append("| Proxy runnable but waiting for a CPU, share of the run, "
+                         + " / ".join(wait) + " | "
+                         + " / ".join(f"{v * 100:.1f} %" for v in wait.values()) + " | | |")
         background = [b for b in conn_result["background"] if b is not None]
         load.append(f"{statistics.median(background) if background else 0:.2f} during "
                     f"conn runs")
@@ -650,8 +758,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: throughput, delay, conn (default all)")
     parser.add_argument("--conn-runs", type=int, help="conn runs per mode (default 5)")
     parser.add_argument("--conn-modes", default=",".join(CONN_MODES),
-                        help="comma-separated: off, on, on-nice (default all)")
+                        help="comma-separated: off, on, on-nice, on-stub (default all)")
+    parser.add_argument("--serve-stub-collector", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_stub_collector:
+        serve_stub_collector()
+        return 0
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     args.conn_modes = [mode.strip() for mode in args.conn_modes.split(",") if mode.strip()]
     unknown = (set(args.parts) - {"throughput", "delay", "conn"}) | (set(args.conn_modes)
