@@ -155,17 +155,11 @@ class UdpAssociation:
             self.dropped += 1
             return
         family, addr = sockaddr_for(ip, port)
-        sock = self.outbound.get(family)
-        if sock is None:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-            self.outbound[family] = sock
-            self.loop.add_reader(sock.fileno(), self._on_remote_datagram, sock)
         try:
+            sock = self.outbound.get(family) or self._open_outbound(family)
             sock.sendto(payload, addr)
-        except OSError:
-            self.dropped += 1
+        except OSError:  # no socket for this family (no descriptor, no IPv6), or no route
+            self.dropped += 1  # RFC 1928 §7: what cannot be relayed is dropped
             return
         self.peers.add((ip, port))
         record = self.record
@@ -173,6 +167,19 @@ class UdpAssociation:
             record.dest_host, record.dest_ip, record.dest_port = host, ip, port
             record.domain = host if host != ip else None
         record.bytes_out += len(payload)
+
+    def _open_outbound(self, family: int) -> socket.socket:
+        """The socket datagrams to `family` leave from, made on first use."""
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except BaseException:
+            sock.close()
+            raise
+        self.outbound[family] = sock
+        self.loop.add_reader(sock.fileno(), self._on_remote_datagram, sock)
+        return sock
 
     def _on_remote_datagram(self, sock: socket.socket) -> None:
         for _ in range(64):

@@ -324,21 +324,23 @@ async def test_bind_to_an_unresolvable_name_is_host_unreachable(proxy: ProxyProc
 
 
 @contextlib.contextmanager
-def _one_free_descriptor(pid: int) -> Iterator[None]:
-    """Lower the process's descriptor limit so that exactly one descriptor number is left
-    (the next accept takes it, and the request's own socket then fails with EMFILE)."""
+def _free_descriptors(pid: int, count: int) -> Iterator[None]:
+    """Lower the process's descriptor limit so that only `count` descriptor numbers are
+    left (with 1, the next accept takes it, and the request's own socket then fails with
+    EMFILE)."""
     used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
-    free = next(n for n in range(len(used) + 1) if n not in used)
+    free = [n for n in range(len(used) + count + 1) if n not in used]
+    limit = free[count - 1] + 1 if count else free[0]
     before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     try:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (free + 1, free + 1))
+        # the soft limit only: raising it back needs no privilege
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, before[1]))
     except (PermissionError, ValueError) as exc:
         pytest.skip(f"cannot lower the proxy's descriptor limit: {exc}")
     try:
         yield
     finally:
-        with contextlib.suppress(PermissionError, ValueError):
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
 
 
 @pytest.mark.parametrize(
@@ -353,7 +355,7 @@ async def test_out_of_descriptors_is_a_general_failure_reply(
     not a silent close with a traceback in the log."""
     proxy = proxy_factory()
     proxy.allow_errors = True  # the accept loop's own EMFILE is logged as an error
-    with _one_free_descriptor(proxy.pid):
+    with _free_descriptors(proxy.pid, 1):
         control = await proxy.request(cmd, host, 9)
         assert control.reply.rep == 0x01
         assert await is_closed_by_peer(control.reader)
@@ -361,6 +363,35 @@ async def test_out_of_descriptors_is_a_general_failure_reply(
     event = await proxy.event_for(control.local_port)
     assert (event["status"], event["reply_code"], event["close_reason"]) == ("error", 1, "error")
     assert not [line for line in proxy.problems() if "accept failed" not in line]
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no ::1 on this machine")
+async def test_udp_datagram_the_relay_cannot_send_is_dropped_silently(
+    proxy_factory: Callable[..., ProxyProcess], udp_echo: EchoFactory, udp_client: ClientFactory
+) -> None:
+    """§7: the relay drops what it cannot relay. Out of descriptors for its IPv6 outbound
+    socket, a datagram to ::1 is dropped (no traceback); the association lives on, and
+    once a descriptor is free again the same destination works."""
+    proxy = proxy_factory()
+    echo4, echo6 = await udp_echo("127.0.0.1"), await udp_echo("::1")
+    client = udp_client()
+    control = await proxy.request(UDP_ASSOCIATE, "0.0.0.0", 0)
+    assert control.reply.rep == 0
+    relay = (control.reply.host, control.reply.port)
+
+    async def echoed(echo: UdpEcho, payload: bytes) -> None:
+        client.send(udp_datagram(echo.host, echo.port, payload), relay)
+        data, _ = await client.recv()
+        assert parse_udp_datagram(data)[2] == payload
+
+    await echoed(echo4, b"v4 socket made")
+    with _free_descriptors(proxy.pid, 0):
+        client.send(udp_datagram("::1", echo6.port, b"no socket for this one"), relay)
+        await echoed(echo4, b"after it")  # the relay has handled the one before
+    await echoed(echo6, b"v6 socket made")
+    assert [payload for payload, _ in echo6.received] == [b"v6 socket made"]
+    await control.close()
+    assert not proxy.problems()
 
 
 # -- a Chromium-style client: greeting offering only 0x00, the name sent as ATYP 0x03 ----------
