@@ -46,8 +46,12 @@ class UdpAssociation:
         self.loop = loop
         family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
         self.client_sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.client_sock.setblocking(False)
-        self.client_sock.bind((bind_ip, 0))
+        try:
+            self.client_sock.setblocking(False)
+            self.client_sock.bind((bind_ip, 0))
+        except BaseException:
+            self.client_sock.close()  # the session answers the request with 0x01
+            raise
         self.client_ip = plain_ip(client_ip)
         self.client_port = client_port
         self.client_addr: tuple[str, int] | None = None
