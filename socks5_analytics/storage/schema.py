@@ -41,6 +41,6 @@ PARTITIONED_TABLES: tuple[str, ...] = (
     "traffic_logs", "rollup_totals", "rollup_domains", "rollup_clients",
     "rollup_totals_hour", "rollup_totals_day", "rollup_domains_hour", "rollup_domains_day",
     "rollup_clients_hour", "rollup_clients_day", "rollup_domains_week",
-    "rollup_domain_ranks_day", "rollup_domain_ranks_week",
+    "rollup_domain_ranks_quarter", "rollup_domain_ranks_day", "rollup_domain_ranks_week",
 )
 WEEKLY_TABLES: frozenset[str] = frozenset({"rollup_domains_week", "rollup_domain_ranks_week"})

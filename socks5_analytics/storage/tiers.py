@@ -1,10 +1,12 @@
 """Which rollup tier answers which part of a stats window (pure; no database).
 
-Each rollup family has a per-minute table and hourly and daily ones keyed alike (the domains
-also a weekly one). A window of whole minutes is answered by the weekly rows of the whole
-weeks inside it, the daily rows of the whole days left at either end, the hourly rows of the
-whole hours left then, and the minute rows of the rest: the fewest rows that add up to
-exactly the minute-tier answer. Weeks are ISO weeks: they start on Monday, 00:00 UTC.
+Each rollup family has a per-minute table and hourly and daily ones keyed alike (the
+domains also a weekly one, and ranking tiers per quarter day, day and week). A window of
+whole minutes is answered by the weekly rows of the whole weeks inside it, the daily rows
+of the whole days left at either end, the hourly rows of the whole hours left then, and
+the minute rows of the rest: the fewest rows that add up to exactly the minute-tier answer.
+Weeks are ISO weeks: they start on Monday, 00:00 UTC. Sums may also subtract
+(`split_window_for_sums`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ __all__ = [
     "split_window_for_sums",
 ]
 
-Tier = Literal["minute", "hour", "day", "week"]
+Tier = Literal["minute", "hour", "quarter", "day", "week"]
+# Every family has these (the domains the week too); "quarter" (6 hours, from 00:00 UTC)
+# exists only as a domain ranking tier, for sums.
 _ORDER: tuple[Tier, ...] = ("minute", "hour", "day", "week")
+_ALL: tuple[Tier, ...] = ("minute", "hour", "quarter", "day", "week")
 _LENGTH: dict[Tier, timedelta] = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
-                                  "day": timedelta(days=1), "week": timedelta(weeks=1)}
+                                  "quarter": timedelta(hours=6), "day": timedelta(days=1),
+                                  "week": timedelta(weeks=1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,8 @@ def _floor(moment: datetime, tier: Tier) -> datetime:
     moment = moment.replace(second=0, microsecond=0)
     if tier != "minute":
         moment = moment.replace(minute=0)
+    if tier == "quarter":
+        moment = moment.replace(hour=moment.hour - moment.hour % 6)
     if tier in ("day", "week"):
         moment = moment.replace(hour=0)
     if tier == "week":
@@ -101,13 +109,14 @@ def _split(since: datetime, until: datetime, tiers: tuple[Tier, ...]) -> list[Pi
 # about what each holds per bucket at 10 M events a month (20,000 Zipf domains): ~150
 # domain-and-status keys a minute, ~3,600 an hour, ~23,600 a day, ~47,000 a week (nearly
 # every domain is active every day, so a week holds twice a day, not seven times). In the
-# domain ranking tiers, without the status: ~16,800 domains a day, ~20,000 a week. At 1 M
-# events the proportions are alike. Only the choice of pieces depends on these; every
-# choice is exact.
+# domain ranking tiers, without the status: ~9,600 domains a quarter day, ~16,800 a day,
+# ~20,000 a week. At 1 M events the proportions are alike. Only the choice of pieces
+# depends on these; every choice is exact.
 SUM_COSTS: Mapping[Tier, float] = MappingProxyType(
     {"minute": 150.0, "hour": 3_600.0, "day": 23_600.0, "week": 47_000.0})
 RANK_SUM_COSTS: Mapping[Tier, float] = MappingProxyType(
-    {"minute": 150.0, "hour": 3_600.0, "day": 16_800.0, "week": 20_000.0})
+    {"minute": 150.0, "hour": 3_600.0, "quarter": 9_600.0, "day": 16_800.0,
+     "week": 20_000.0})
 
 
 _Cover = tuple[float, tuple[Piece, ...]]
@@ -185,14 +194,14 @@ def _merged(pieces: tuple[Piece, ...]) -> tuple[Piece, ...]:
     """The pieces in time order (added before subtracted at one start), adjacent ones of one
     tier and sign as one: fewer branches to plan."""
     merged: list[Piece] = []
-    for piece in sorted(pieces, key=lambda p: (_ORDER.index(p.tier), -p.sign, p.start)):
+    for piece in sorted(pieces, key=lambda p: (_ALL.index(p.tier), -p.sign, p.start)):
         last = merged[-1] if merged else None
         if last is not None and (last.tier, last.sign, last.end) == (
                 piece.tier, piece.sign, piece.start):
             merged[-1] = Piece(piece.tier, last.start, piece.end, piece.sign)
         else:
             merged.append(piece)
-    return tuple(sorted(merged, key=lambda p: (p.start, -p.sign, _ORDER.index(p.tier))))
+    return tuple(sorted(merged, key=lambda p: (p.start, -p.sign, _ALL.index(p.tier))))
 
 
 def split_window_for_sums(since: datetime, until: datetime, *, now: datetime,
@@ -203,7 +212,8 @@ def split_window_for_sums(since: datetime, until: datetime, *, now: datetime,
     reads fewer rows by `costs` (a window ending now: this week's one row per key instead
     of a daily row per key and day, today's hours and the hour's minutes). Added (`sign`
     1) and subtracted (-1) pieces count every minute of the window once, every other
-    minute zero times.
+    minute zero times. The tiers are those `costs` prices, up to `coarsest`: with a
+    "quarter" price, quarter days (6 hours from 00:00 UTC) too.
 
     Only for sums: a subtracted piece cannot undo a maximum. Same errors as `split_window`.
     """
@@ -211,5 +221,7 @@ def split_window_for_sums(since: datetime, until: datetime, *, now: datetime,
     if not pieces:
         return pieces
     since, until = pieces[0].start, pieces[-1].end
-    tiers = _ORDER[: _ORDER.index(coarsest) + 1]
+    # The tiers `costs` prices, up to `coarsest` ("quarter" only where it exists).
+    tiers = tuple(tier for tier in _ALL[: _ALL.index(coarsest) + 1]
+                  if tier in costs or tier == "minute")
     return _merged(_Planner(now.astimezone(UTC), costs).cover(since, until, tiers)[1])

@@ -254,7 +254,18 @@ async def test_0004_fills_the_ranking_tiers(empty_database_url: str) -> None:
                     "connect_count = r.connect_count + excluded.connect_count, "
                     "connect_ms_sum = r.connect_ms_sum + excluded.connect_ms_sum",
                     bucket, status, n, "day" if table.endswith("day") else "week")
+        await connection.execute(
+            "INSERT INTO rollup_domains_hour (bucket, domain, registered_domain, status, "
+            "connections, bytes_in) VALUES ('2026-03-08 05:00', 'a.example', 'example', 'ok', "
+            "1, 10), ('2026-03-08 06:00', 'a.example', 'example', 'ok', 2, 20), "
+            "('2026-03-08 11:00', 'a.example', 'example', 'refused', 4, 0)")
         await upgrade(empty_database_url, "0004")
+        quarters = [tuple(row) for row in await connection.fetch(
+            "SELECT bucket::text, connections, bytes_in, tableoid::regclass::text "
+            "FROM rollup_domain_ranks_quarter ORDER BY 1")]
+        assert quarters == [
+            ("2026-03-08 00:00:00+00", 1, 10, "rollup_domain_ranks_quarter_p20260308"),
+            ("2026-03-08 06:00:00+00", 6, 20, "rollup_domain_ranks_quarter_p20260308")]
         ranks = {
             tier: [tuple(row) for row in await connection.fetch(
                 "SELECT bucket::text, domain, registered_domain, connections, bytes_in, "
@@ -273,11 +284,12 @@ async def test_0004_fills_the_ranking_tiers(empty_database_url: str) -> None:
              "rollup_domain_ranks_week_p20260309")]
         created = {row[0] for row in await connection.fetch(
             "SELECT s5a_create_day_partitions('2026-03-22', '2026-03-23')")}
-        assert {"rollup_domain_ranks_day_p20260322", "rollup_domain_ranks_week_p20260316",
+        assert {"rollup_domain_ranks_day_p20260322", "rollup_domain_ranks_quarter_p20260323",
+                "rollup_domain_ranks_week_p20260316",
                 "rollup_domain_ranks_week_p20260323", "rollup_domains_week_p20260323"} <= created
 
         await downgrade(empty_database_url, "0003")
-        for tier in ("day", "week"):
+        for tier in ("quarter", "day", "week"):
             assert await connection.fetchval(
                 f"SELECT to_regclass('rollup_domain_ranks_{tier}')") is None
         created = {row[0] for row in await connection.fetch(

@@ -45,6 +45,9 @@ def _truncate(moment: datetime, tier: str) -> datetime:
     if tier == "week":
         day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
         return day - timedelta(days=day.weekday())
+    if tier == "quarter":
+        return moment.replace(hour=moment.hour - moment.hour % 6, minute=0, second=0,
+                              microsecond=0)
     return _minute(moment)
 
 
@@ -262,7 +265,7 @@ async def test_rollups_equal_brute_force(seed: int, days: int, repo: Repository,
             assert not wrong, (table, wrong[:3])
 
     # The domain ranking tiers: the model's domain minutes summed over the statuses.
-    for tier in ("day", "week"):
+    for tier in ("quarter", "day", "week"):
         rows = await db.fetch(f"SELECT * FROM rollup_domain_ranks_{tier}")
         actual_ranks = {(row["bucket"], row["domain"]): (
             row["connections"], row["bytes_in"], row["bytes_out"], row["connect_count"],

@@ -150,6 +150,29 @@ SUMS_CASES = [
 ]
 
 
+QUARTER_COSTS = {**COSTS, "quarter": 55}
+
+
+def test_quarter_days_where_they_are_priced() -> None:
+    """24 h up to now with the quarter days of the domain ranking tiers: yesterday's last
+    quarter whole (not 6 hours), the hours before it (cheaper than the quarter before less
+    its first 2 hours), today less what is after now."""
+    pieces = split_window_for_sums(t("2026-11-26T14:14"), t("2026-11-27T14:14"),
+                                   now=t("2026-11-27T14:20"), costs=QUARTER_COSTS)  # type: ignore[arg-type]
+    assert pieces == tuple(Piece(tier, t(a), t(b), sign) for tier, a, b, sign in [  # type: ignore[arg-type]
+        ("hour", "2026-11-26T14:00", "2026-11-26T18:00", 1),
+        ("minute", "2026-11-26T14:00", "2026-11-26T14:14", -1),
+        ("quarter", "2026-11-26T18:00", "2026-11-27T00:00", 1),
+        ("day", "2026-11-27T00:00", "2026-11-28T00:00", 1),
+        ("minute", "2026-11-27T14:14", "2026-11-27T15:00", -1),
+        ("hour", "2026-11-27T15:00", "2026-11-27T18:00", -1),
+        ("quarter", "2026-11-27T18:00", "2026-11-28T00:00", -1)])
+    # Without a quarter price there are no quarters.
+    assert all(p.tier != "quarter" for p in split_window_for_sums(
+        t("2026-11-26T14:14"), t("2026-11-27T14:14"), now=t("2026-11-27T14:20"),
+        costs=COSTS))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("since", "until", "now", "expected"), SUMS_CASES)
 def test_split_window_for_sums(since: str, until: str, now: str,
                                expected: list[tuple[str, str, str, int]]) -> None:
@@ -183,7 +206,8 @@ def test_signed_pieces_add_up_to_the_window(since: datetime, until: datetime,
 
 
 _LENGTHS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1),
-            "day": timedelta(days=1), "week": timedelta(weeks=1)}
+            "quarter": timedelta(hours=6), "day": timedelta(days=1), "week": timedelta(weeks=1)}
+_MONDAY = t("2000-01-03T00:00")  # every bucket of every tier starts a whole number after it
 
 
 def _rows(pieces: tuple[Piece, ...], now: datetime, costs: dict[str, float]) -> float:
@@ -212,13 +236,16 @@ def test_random_windows_are_exact_and_never_cost_more(seed: int) -> None:
     hour = rng.uniform(2, 60)
     day = hour * rng.uniform(1.5, 20)
     costs = {"minute": 1.0, "hour": hour, "day": day, "week": day * rng.uniform(1.0, 6.0)}
+    if seed % 2:  # with the quarter days of the domain ranking tiers
+        costs["quarter"] = hour * rng.uniform(1.5, 6)
     pieces = split_window_for_sums(since, until, now=now, costs=costs)  # type: ignore[arg-type]
     count = _minute_counts(pieces)
     assert {m for m, n in count.items() if n} == _window_minutes(since, until)
     assert set(count.values()) <= {0, 1}
     for piece in pieces:
         assert piece.start < piece.end and piece.sign in (1, -1)
-        assert split_window(piece.start, piece.end, coarsest=piece.tier)[0].tier == piece.tier
-        assert (piece.end - piece.start) % _LENGTHS[piece.tier] == timedelta(0)
+        assert piece.tier in costs
+        assert (piece.start - _MONDAY) % _LENGTHS[piece.tier] == timedelta(0)
+        assert (piece.end - _MONDAY) % _LENGTHS[piece.tier] == timedelta(0)
     plain = split_window(since, until, coarsest="week")
     assert _rows(pieces, now, costs) <= _rows(plain, now, costs)
