@@ -311,6 +311,22 @@ async def test_bind_to_a_name_takes_only_the_hosts_it_resolves_to(
     assert (event["domain"], event["dest_ip"], event["status"]) == ("localhost", "127.0.0.1", "ok")
 
 
+@pytest.mark.parametrize("style", ["pipelined", "bytewise"])
+async def test_bind_handshake_framing_and_early_data(proxy: ProxyProcess, style: str) -> None:
+    """A BIND request pipelined with the greeting and with data (or sent a byte at a time):
+    the data waits for the peer and reaches it first."""
+    control = await proxy.request(BIND, "127.0.0.1", 0, style=style, early=b"early")
+    assert control.reply.rep == 0
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(control.reply.host, control.reply.port), DEADLINE
+    )
+    second = await control.read_reply()
+    assert (second.rep, second.port) == (0, writer.get_extra_info("sockname")[1])
+    assert await _read(reader, 5) == b"early"
+    writer.close()
+    await control.close()
+
+
 async def test_bind_to_an_unresolvable_name_is_host_unreachable(proxy: ProxyProcess) -> None:
     control = await proxy.request(BIND, "nothing.invalid", 0)
     assert control.reply.rep == 0x04
