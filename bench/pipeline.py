@@ -29,8 +29,8 @@ writers) for the whole run, all on loopback. Three parts (issue 4's targets in b
    priority), on-nice (the collector's and PostgreSQL's process trees and session groups at
    nice 19), on-stub (a stub collector process that acknowledges each batch without storing
    it: the exporter's own cost, without the collector and database sharing the cores). For
-   each mode also the share of the run the proxy's threads were runnable but waiting for a
-   CPU another task held (/proc/<tid>/schedstat): the co-located pipeline's CPU taken from it.
+   each mode also the share of the run the proxy's event-loop thread was runnable but waiting
+   for a CPU another task held (/proc/<pid>/schedstat): CPU time taken from it by others.
 
 Progress on stderr; markdown on stdout and bench/results/pipeline-<time>.{json,md}.
 """
@@ -471,21 +471,17 @@ def renice(roots: list[int | None], niceness: int) -> None:
 
 
 def sched_seconds(root: int) -> tuple[float, float]:
-    """(running, runnable-but-waiting) seconds of every thread of the process tree so far,
-    from /proc/<pid>/task/<tid>/schedstat (0, 0 where the kernel does not keep them)."""
+    """(running, runnable-but-waiting) seconds so far of the main thread (the event loop's)
+    of every process in the tree, from /proc/<pid>/schedstat (0, 0 where the kernel keeps
+    none). Helper threads (gRPC's) are left out: their waits overlap the loop's."""
     running = waiting = 0
     for pid in tree_pids(root):
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            fields = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
         except OSError:
             continue
-        for tid in tids:
-            try:
-                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
-            except OSError:
-                continue
-            running += int(fields[0])
-            waiting += int(fields[1])
+        running += int(fields[0])
+        waiting += int(fields[1])
     return running / 1e9, waiting / 1e9
 
 
@@ -727,7 +723,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         wait = {k: statistics.median(v["wait_share"]) for k, v in by_mode.items()
                 if "wait_share" in v}
         if wait:
-            lines.append("| Proxy runnable but waiting for a CPU, share of the run, "
+            lines.append("| Proxy event loop runnable but waiting for a CPU, share of the run, "
                          + " / ".join(wait) + " | "
                          + " / ".join(f"{v * 100:.1f} %" for v in wait.values()) + " | | |")
         background = [b for b in conn_result["background"] if b is not None]

@@ -424,9 +424,12 @@ class GrpcExporter:
 
     async def _wait_or_broken(self, awaitable: Any, reader: asyncio.Task[None]) -> None:
         waiter = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not waiter.done():  # the reader ended first, or this task is being cancelled
+                waiter.cancel()
         if reader in done:
-            waiter.cancel()
             exc = reader.exception()
             raise exc if exc is not None else _StreamBroken("collector closed the stream")
 

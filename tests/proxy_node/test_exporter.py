@@ -254,3 +254,21 @@ async def test_close_with_collector_up_delivers_everything(tmp_path: Path, event
         assert len(collector.committed) == events
 
     await _with_collector(body)
+
+
+async def test_close_leaves_no_task_behind(tmp_path: Path) -> None:
+    async def body(collector: FakeCollector, port: int) -> None:
+        before = asyncio.all_tasks()
+        exporter = _exporter(tmp_path, port)
+        await exporter.start()
+        await _until(lambda: exporter.connected)
+        exporter.emit(_event(1))
+        await exporter.close()  # drains: sends, waits for the ack, idles, is cancelled
+        assert len(collector.committed) == 1
+        await asyncio.sleep(0)
+        # the exporter's own tasks and the waits they start (the server's are not its)
+        left = [t for t in asyncio.all_tasks() - before
+                if t.get_coro().__qualname__.startswith(("GrpcExporter.", "Event."))]
+        assert left == [], f"tasks still pending after close: {left}"
+
+    await _with_collector(body)
