@@ -66,9 +66,13 @@ _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 # The syntax of every accepted value, written once: the parser matches these and the OpenAPI
 # document carries them, so what the document calls valid is what the parser takes. Whether
 # a well-formed date exists (February 30) is the one thing left to the parser ("invalid_time").
-UNIX_PATTERN = r"[0-9]{1,11}(\.[0-9]{1,6})?"
+# Unix seconds as `date +%s.%N` prints them; ISO 8601 in its extended form as RFC 3339,
+# `date +%FT%T%z` (`+0100`), Go and kubectl (nanoseconds) print it. Digits past the
+# microsecond are dropped; lower case `t` and `z` are RFC 3339's.
+UNIX_PATTERN = r"[0-9]{1,11}(\.[0-9]{1,9})?"
 ISO_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-               r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+ -][0-9]{2}:[0-9]{2})?)?")
+               r"([Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]{1,9})?)?"
+               r"([Zz]|[+ -][0-9]{2}(:?[0-9]{2})?)?)?")
 TIME_PATTERN = f"^({UNIX_PATTERN}|{ISO_PATTERN})$"
 _LABEL_PATTERN = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 DOMAIN_PATTERN = rf"^{_LABEL_PATTERN}(\.{_LABEL_PATTERN})*\.?$"
@@ -76,6 +80,8 @@ TEXT_PATTERN = r"^[^\u0000]*$"  # PostgreSQL text cannot hold NUL
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
 _UNIX = re.compile(UNIX_PATTERN)
 _TIME = re.compile(TIME_PATTERN)
+# An offset at the end, after a time: its sign is group 1 (a space is an unencoded "+").
+_OFFSET = re.compile(r"(?<=[0-9])([+ -])([0-9]{2})(:?([0-9]{2}))?$")
 _DOMAIN = re.compile(DOMAIN_PATTERN)
 _CURSOR = re.compile(CURSOR_PATTERN)
 
@@ -98,8 +104,9 @@ ROUTE_PARAMETERS: dict[str, tuple[str, ...]] = {
 _TIME_SCHEMA = {
     "type": "string",
     "pattern": TIME_PATTERN,
-    "description": "ISO 8601 (`2026-03-10T12:00:00Z`, an offset, or none for UTC) or unix "
-    "seconds (`1773144000`), from 1970 to 9998",
+    "description": "ISO 8601 (`2026-03-10T12:00:00Z`, an offset such as `+01:00` or "
+    "`+0100`, or none for UTC) or unix seconds (`1773144000`, fractions allowed), from 1970 "
+    "to 9998",
 }
 SCHEMAS: dict[str, dict[str, Any]] = {
     "from": {**_TIME_SCHEMA, "description": "Start of the window, inclusive. "
@@ -169,9 +176,11 @@ def parse_time(name: str, text: str) -> datetime:
         )
     try:
         if _UNIX.fullmatch(text):
-            moment = datetime.fromtimestamp(float(text), UTC)
+            seconds, _, fraction = text.partition(".")
+            moment = EARLIEST + timedelta(seconds=int(seconds),
+                                          microseconds=int(fraction[:6].ljust(6, "0")))
         else:
-            moment = datetime.fromisoformat(_restore_plus(text))
+            moment = datetime.fromisoformat(_normalize_iso(text))
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             moment = moment.astimezone(UTC)
@@ -184,11 +193,25 @@ def parse_time(name: str, text: str) -> datetime:
     return moment
 
 
-def _restore_plus(text: str) -> str:
-    """An unencoded `+01:00` offset arrives as ` 01:00`: put the plus back."""
-    if len(text) > 16 and text[-6] == " ":
-        return f"{text[:-6]}+{text[-5:]}"
-    return text
+def _normalize_iso(text: str) -> str:
+    """What `datetime.fromisoformat` takes: upper case, a decimal point, at most six
+    fraction digits, the offset as `+HH:MM` (an unencoded `+0100` arrives as ` 0100`)."""
+    text = text.upper().replace(",", ".")
+    date, _, clock = text[:10], text[10:11], text[11:]
+    if not clock:
+        return date
+    offset = ""
+    found = _OFFSET.search(clock)
+    if clock.endswith("Z"):
+        clock, offset = clock[:-1], "+00:00"
+    elif found is not None:
+        sign = "+" if found.group(1) == " " else found.group(1)
+        offset = f"{sign}{found.group(2)}:{found.group(4) or '00'}"
+        clock = clock[:found.start()]
+    whole, point, fraction = clock.partition(".")
+    if point:
+        clock = f"{whole}.{fraction[:6].ljust(6, '0')}"
+    return f"{date}T{clock}{offset}"
 
 
 def parse_window(

@@ -43,6 +43,16 @@ T = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
     ("1773144000", T),
     ("1773144000.5", T + timedelta(milliseconds=500)),
     ("0", datetime(1970, 1, 1, tzinfo=UTC)),
+    # ISO 8601 / RFC 3339 as common tools print it:
+    ("2026-03-10T13:00:00+0100", T),  # date +%FT%T%z
+    ("2026-03-10T13:00:00 0100", T),  # the same, its "+" unencoded
+    ("2026-03-10T13:00:00+01", T),
+    ("2026-03-10T07:00:00-0500", T),
+    ("2026-03-10T12:00:00.123456789Z", T + timedelta(microseconds=123456)),  # Go, kubectl
+    ("2026-03-10T12:00:00,5Z", T + timedelta(milliseconds=500)),  # ISO's decimal comma
+    ("2026-03-10t12:00:00z", T),  # RFC 3339 allows lower case
+    ("1773144000.123456789", T + timedelta(microseconds=123456)),  # date +%s.%N
+    ("1773144000.000001", T + timedelta(microseconds=1)),  # exact, not through a float
 ])
 def test_parse_time(text: str, expected: datetime) -> None:
     assert parse_time("from", text) == expected
@@ -52,7 +62,8 @@ def test_parse_time(text: str, expected: datetime) -> None:
 @pytest.mark.parametrize("text", [
     "", "now", "yesterday", "2026-13-01", "2026-03-10T25:00", "12:00", "-1", "1e9",
     "99999999999999999999", "1969-12-31T23:59:59Z", "9999-12-31", "0x10", "١٧٧٣١٤٤٠٠٠",
-    "2026-03-10T12:00:00+25:00", "nan", "inf",
+    "2026-03-10T12:00:00+25:00", "nan", "inf", "2026-03-10T12:00:00+1", "2026-03-10T12:00:00+010",
+    "2026-03-10T12:00:00.1234567890Z", "2026-03-10T12:00:00.Z", "1773144000.1234567890",
 ])
 def test_parse_time_refuses(text: str) -> None:
     with pytest.raises(BadParameterError) as caught:
