@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json, raw
-from sanic_ext.extensions.openapi import openapi
+from sanic_ext.extensions.openapi import openapi, types
 from sanic_ext.extensions.openapi.builders import SpecificationBuilder
 
 from api.context import query, repository
 from api.errors import NotReadyError
-from api.openapi import describe
+from api.openapi import SCHEMA, describe
 from socks5_analytics.config import ApiSettings
 from socks5_analytics.storage.errors import StorageError
 from socks5_analytics.storage.migrate import head_revision
 
 __all__ = ["blueprint"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+Schema: Any = types.Schema  # sanic-ext's schema objects are untyped
 
 
 def _head(request: Request) -> str:
@@ -25,6 +29,29 @@ def _head(request: Request) -> str:
     if head is None:
         head = request.app.ctx.head_revision = head_revision()
     return head
+
+
+def _self_described(*, secured: bool) -> Callable[[F], F]:
+    """The document's own entry (DESIGN.md lists /openapi.json among the routes)."""
+
+    def decorate(handler: F) -> F:
+        error = {"application/json": Schema(**SCHEMA["error"])}
+        handler = openapi.summary("This OpenAPI document")(handler)
+        handler = openapi.description(
+            "The OpenAPI 3 document of every route: parameters with their exact syntax, "
+            "responses and errors." + (" Needs the token." if secured else ""))(handler)
+        handler = openapi.tag("health")(handler)
+        handler = openapi.response(
+            200, {"application/json": Schema(type="object", required=["openapi", "paths"])},
+            "OK")(handler)
+        handler = openapi.response(400, error, "An unknown parameter")(handler)
+        if secured:
+            handler = openapi.response(401, error, "A token is configured and the request "
+                                       "did not carry it")(handler)
+            handler = openapi.secured("token")(handler)
+        return handler
+
+    return decorate
 
 
 def blueprint(settings: ApiSettings) -> Blueprint:
@@ -66,7 +93,7 @@ def blueprint(settings: ApiSettings) -> Blueprint:
                    content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @bp.get("/openapi.json", name="openapi_document")
-    @openapi.exclude()
+    @_self_described(secured=settings.token is not None)
     async def document(request: Request) -> HTTPResponse:
         query(request, "none")
         builder: Any = SpecificationBuilder()  # untyped in sanic-ext
