@@ -733,11 +733,19 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
                   for text in texts]
         notes += [f"{name}: hit the time cap in {', '.join(caps)}"
                   for name, caps in conn_result["caps"].items()]
+    sizes = []
+    if "throughput" in meta["parts"]:
+        sizes.append(f"{meta['runs']} throughput run(s) of {meta['events']:,} events over "
+                     f"{meta['streams']} streams")
+    if "conn" in meta["parts"]:
+        sizes.append(f"{meta['conn_runs']} conn run(s) per mode")
+    load0, load1 = meta.get("loadavg_before"), meta.get("loadavg_after")
+    loadavg = (f"; load average {load0[0]:.2f} before, {load1[0]:.2f} after"
+               if load0 and load1 else "")
     md = (f"Measured {meta['date']} on {meta['machine']['cpu']}, {meta['machine']['cores']} "
           f"cores, commit {meta['commit']}; embedded PostgreSQL (non-durable); parts "
-          f"{', '.join(meta['parts'])}; {meta['runs']} throughput run(s) of "
-          f"{meta['events']:,} events over {meta['streams']} streams, {meta['conn_runs']} "
-          f"conn run(s) per mode; medians. Other CPU load: {'; '.join(load)}.\n\n"
+          f"{', '.join(meta['parts'])}; {', '.join(sizes)}; medians. Other CPU load: "
+          f"{'; '.join(load)}{loadavg}.\n\n"
           + "\n".join(lines) + "\n")
     if notes:
         md += "\nNotes:\n" + "\n".join(f"- {n}" for n in notes) + "\n"
