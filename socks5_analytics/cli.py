@@ -14,6 +14,7 @@ from typing import Any
 
 from socks5_analytics import __version__
 from socks5_analytics.config import ConfigError, Settings, load_settings
+from socks5_analytics.runtime import follow_stack_parent
 
 __all__ = ["main", "parse_command"]
 
@@ -237,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"socks5-analytics {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    follow_stack_parent()
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     return handler(args, settings)
 

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from socks5_analytics.config import Settings
 from socks5_analytics.logs import configure_logging, get_logger
+from socks5_analytics.runtime import STACK_PARENT_ENV
 
 __all__ = ["run"]
 
@@ -81,7 +82,7 @@ def _pump(child: _Child, stream: IO[bytes], pretty: bool) -> None:
 def _spawn(name: str, args: list[str], env: dict[str, str], pretty: bool) -> _Child:
     process = subprocess.Popen(
         [sys.executable, "-m", "socks5_analytics", *args],
-        env=env,
+        env=dict(env, **{STACK_PARENT_ENV: str(os.getpid())}),
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
@@ -132,8 +133,16 @@ def run(settings: Settings, config_file: Path | None) -> int:
     def request_stop(_signum: int, _frame: Any) -> None:
         stopping.set()
 
+    def forward_reload(_signum: int, _frame: Any) -> None:
+        # SIGHUP means "reload" for the proxy (DESIGN.md), not "hang up" for the stack: a
+        # closed terminal must not kill `up` alone and orphan its children.
+        for child in children:
+            if child.name == "proxy" and child.process.poll() is None:
+                child.process.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, forward_reload)
     status = 0
     try:
         from socks5_analytics.storage.migrate import run_migration

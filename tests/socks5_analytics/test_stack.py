@@ -3,6 +3,7 @@
 The real command in its own process, with an embedded PostgreSQL in a temporary folder and
 every port chosen by the system. Connections made just before Ctrl-C must be in the
 database afterwards (the stack stops the proxy first, then the collector, then PostgreSQL).
+SIGHUP is the proxy's "reload the policy", passed on by `up`, which keeps running.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,11 +47,13 @@ def echo_port() -> Iterator[int]:
         yield port
 
 
-def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> None:
+def test_up_serves_reloads_on_sighup_and_ctrl_c_loses_nothing(workdir: Path,
+                                                               echo_port: int) -> None:
     config = {
         "node_id": "stack-test",
         "proxy": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                   "policy_file": str(workdir / "policy.yaml"),
+                  "policy_poll_interval": 3600,  # only SIGHUP reloads within the test
                   "events": {"spool_dir": str(workdir / "spool"), "flush_interval": 5.0}},
         "collector": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
         "api": {"listen": "127.0.0.1:0"},
@@ -76,6 +81,16 @@ def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> No
         assert httpx.get(f"{api}/healthz", timeout=10).status_code == 200
         for index in range(CONNECTIONS):
             socks_echo(proxy, echo_port, b"x" * (index + 1))
+        # The default policy blocks loopback destinations: in force only once reloaded.
+        (workdir / "policy.yaml").write_text("destinations: {block_private: true}\n")
+        assert _reply_code(proxy, echo_port) == 0
+        stack.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while _reply_code(proxy, echo_port) != 2:
+            assert stack.poll() is None, f"up exited on SIGHUP: {stack.returncode}"
+            assert time.monotonic() < deadline, "SIGHUP did not reload the proxy's policy"
+            time.sleep(0.2)
+        assert stack.poll() is None
         # flush_interval is 5 s: these events are still in the proxy's memory at Ctrl-C.
         stack.send_signal(signal.SIGINT)
         assert stack.wait(90) == 0
@@ -85,7 +100,19 @@ def test_up_serves_and_ctrl_c_loses_nothing(workdir: Path, echo_port: int) -> No
             stack.wait()
         if stack.stdout is not None:
             stack.stdout.close()
-    assert asyncio.run(_rows(workdir / "pg")) == (CONNECTIONS, sum(range(1, CONNECTIONS + 1)))
+    # The echoes, plus the empty connection that checked the policy before the reload.
+    assert asyncio.run(_rows(workdir / "pg")) == (CONNECTIONS + 1,
+                                                  sum(range(1, CONNECTIONS + 1)))
+
+
+def _reply_code(proxy: str, port: int) -> int:
+    """REP of a no-auth CONNECT to 127.0.0.1:`port` (the connection is closed right away)."""
+    host, proxy_port = proxy.rsplit(":", 1)
+    with socket.create_connection((host, int(proxy_port)), timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+        return sock.recv(10)[1]
 
 
 async def _rows(data_dir: Path) -> tuple[int, int]:
