@@ -153,14 +153,29 @@ class Gatekeeper:
         dest_port: int | None,
     ) -> bool:
         """Whether a live session would still be admitted under the current policy."""
+        return self.refusal(admission, command=command, domain=domain, dest_ip=dest_ip,
+                            dest_port=dest_port) is None
+
+    def refusal(
+        self,
+        admission: Admission,
+        *,
+        command: str,
+        domain: str | None,
+        dest_ip: str | None,
+        dest_port: int | None,
+    ) -> str | None:
+        """The status a live session would now be refused with (None: still admitted)."""
         if not self.rules.source_allowed(admission.source_ip):
-            return False
+            return "denied_whitelist"
         if admission.user is not None:
             user = self.users.get(admission.user)
             if user is None or user.disabled or user.password_hash != admission.password_hash:
-                return False
+                return "auth_failed"
         elif self.policy.requires_auth:
-            return False  # authentication became required
+            return "auth_failed"  # authentication became required
         if dest_ip is not None and dest_port is not None:
-            return self.rules.for_address(command, domain, dest_ip, dest_port) == "allow"
-        return True
+            verdict = self.rules.for_address(command, domain, dest_ip, dest_port)
+            if verdict != "allow":
+                return "denied_destination"
+        return None

@@ -79,10 +79,14 @@ class Session:
 
     def still_allowed(self) -> bool:
         """Whether the policy now in force would still admit this session."""
+        return self.refusal() is None
+
+    def refusal(self) -> str | None:
+        """The status the policy now in force would refuse this session with, if any."""
         if self.admission is None:
-            return True
+            return None
         record = self.record
-        return self.server.rules.still_allowed(
+        return self.server.rules.refusal(
             self.admission,
             command=record.command,
             domain=record.domain,
@@ -121,6 +125,8 @@ class Session:
                 self._count_failure("timeout")
             else:
                 record.close_reason = self.abort_reason or "shutdown"
+                if self.abort_reason == "revoked":
+                    self._refuse_revoked_request()
             self._end()
         except ClientClosed:
             record.close_reason = "client"
@@ -148,6 +154,19 @@ class Session:
             record.status = "error"
             record.close_reason = "error"
             self._end()
+
+    def _refuse_revoked_request(self) -> None:
+        """A request revoked before its reply (a policy change while it was being dialled)
+        still gets an answer, REP 0x02, rather than a bare close (RFC 1928 section 6)."""
+        record = self.record
+        if record.request_mono is None or record.replied_mono is not None:
+            return  # no request yet: closing is the answer a handshake gets
+        record.status = self.refusal() or "denied_destination"
+        record.reply_code = int(Reply.CONNECTION_NOT_ALLOWED)
+        try:
+            self.sock.send(encode_reply(Reply.CONNECTION_NOT_ALLOWED))
+        except OSError:
+            pass  # the client is gone, or cannot take 10 bytes: the close says the rest
 
     def _count_failure(self, reason: str) -> None:
         """A handshake that ended before the request was answered, for the metrics."""

@@ -18,6 +18,27 @@ from typing import Any
 
 
 @contextlib.contextmanager
+def full_accept_queue() -> Iterator[int]:
+    """A listening port whose accept queue is full: new connections hang in SYN_SENT."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+@contextlib.contextmanager
 def echo_server() -> Iterator[int]:
     """A TCP echo server on 127.0.0.1; yields its port."""
     server = socket.socket()

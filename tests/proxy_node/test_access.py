@@ -389,38 +389,43 @@ def test_gatekeeper_denies_destinations_with_the_rule_set_interface() -> None:
     gate.check_destination("udp_associate", "2001:db8::1", "2001:db8::1", 53)
 
 
-REVOCATION_TABLE: list[tuple[str, Policy, Admission, bool]] = [
+REVOCATION_TABLE: list[tuple[str, Policy, Admission, str | None]] = [
     ("nothing changed", _policy(users=[_alice()]), Admission("127.0.0.1", "alice", HASH_A),
-     True),
+     None),
     ("the whitelist still covers the source",
      _policy(users=[_alice()], whitelist=["127.0.0.0/8", "10.0.0.0/8"]),
-     Admission("127.0.0.1", "alice", HASH_A), True),
+     Admission("127.0.0.1", "alice", HASH_A), None),
     ("the source left the whitelist", _policy(users=[_alice()], whitelist=["10.0.0.0/8"]),
-     Admission("127.0.0.1", "alice", HASH_A), False),
+     Admission("127.0.0.1", "alice", HASH_A), "denied_whitelist"),
     ("a mapped source left the whitelist", _policy(whitelist=["10.0.0.0/8"]),
-     Admission("::ffff:127.0.0.1"), False),
+     Admission("::ffff:127.0.0.1"), "denied_whitelist"),
     ("the user was disabled", _policy(users=[_alice(disabled=True)]),
-     Admission("127.0.0.1", "alice", HASH_A), False),
+     Admission("127.0.0.1", "alice", HASH_A), "auth_failed"),
     ("the user was removed", _policy(users=[{"username": "bob", "password_hash": HASH_B}]),
-     Admission("127.0.0.1", "alice", HASH_A), False),
+     Admission("127.0.0.1", "alice", HASH_A), "auth_failed"),
     ("the password changed", _policy(users=[_alice(password_hash=HASH_B)]),
-     Admission("127.0.0.1", "alice", HASH_A), False),
+     Admission("127.0.0.1", "alice", HASH_A), "auth_failed"),
     ("the user's limits changed", _policy(users=[_alice(max_connections=1)]),
-     Admission("127.0.0.1", "alice", HASH_A), True),
+     Admission("127.0.0.1", "alice", HASH_A), None),
     ("authentication became required", _policy(users=[_alice()]), Admission("127.0.0.1"),
-     False),
+     "auth_failed"),
+    ("the destination became forbidden", _policy(destinations={"block_private": True}),
+     Admission("127.0.0.1"), "denied_destination"),
     ("authentication is still not required", _policy(limits={"max_connections": 5}),
-     Admission("127.0.0.1"), True),
+     Admission("127.0.0.1"), None),
 ]
 
 
 @pytest.mark.parametrize(("policy", "admission", "expected"),
                          [row[1:] for row in REVOCATION_TABLE],
                          ids=[row[0] for row in REVOCATION_TABLE])
-def test_still_allowed(policy: Policy, admission: Admission, expected: bool) -> None:
+def test_refusal_of_a_live_session(policy: Policy, admission: Admission,
+                                  expected: str | None) -> None:
     gate = Gatekeeper(policy)
-    assert gate.still_allowed(admission, command="connect", domain=None,
-                              dest_ip="127.0.0.1", dest_port=80) is expected
+    where: dict[str, Any] = {"command": "connect", "domain": None, "dest_ip": "127.0.0.1",
+                             "dest_port": 80}
+    assert gate.refusal(admission, **where) == expected
+    assert gate.still_allowed(admission, **where) is (expected is None)
 
 
 def test_still_allowed_rechecks_the_destination() -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+from loopback import full_accept_queue
 from proxy_harness import (
     CONNECT,
     DEADLINE,
@@ -151,32 +152,11 @@ async def test_multicast_destination_is_network_unreachable(proxy: ProxyProcess)
     assert (event["dest_ip"], event["dest_port"]) == ("224.0.0.1", 9)
 
 
-@contextlib.contextmanager
-def _full_accept_queue() -> Iterator[int]:
-    """A listening port whose accept queue is full: new connections hang in SYN_SENT."""
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-        yield port
-    finally:
-        for sock in fillers:
-            sock.close()
-        listener.close()
-
-
 async def test_connect_timeout_is_ttl_expired(
     proxy_factory: Callable[..., ProxyProcess],
 ) -> None:
     proxy = proxy_factory({"proxy": {"connect_timeout": 0.5}})
-    with _full_accept_queue() as port:
+    with full_accept_queue() as port:
         with socket.socket() as probe:
             probe.settimeout(0.3)
             try:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from loopback import full_accept_queue
 from proxy_harness import (
     BIND,
     CONNECT,
@@ -395,6 +396,39 @@ async def test_leaving_the_whitelist_closes_live_sessions(
     assert len(revoked) == 3
     # and new connections from the address are refused
     await refused(proxy, "127.0.0.1", echo_server.port, "denied_whitelist")
+
+
+async def test_a_request_revoked_while_it_is_dialled_gets_rep_0x02(
+    start_proxy: StartProxy,
+) -> None:
+    """RFC 1928 section 6: a request is answered. One whose destination a policy change
+    forbids while the proxy is still connecting gets 0x02, not a bare close."""
+    proxy = start_proxy({"destinations": LOOPBACK_OK}, {"proxy": {"connect_timeout": 60}})
+    with full_accept_queue() as stalled_port:  # the upstream connect hangs in SYN_SENT
+        reader, writer = await proxy.raw()
+        writer.write(greeting(bytes((NO_AUTH,))))
+        assert await asyncio.wait_for(reader.readexactly(2), DEADLINE) == b"\x05\x00"
+        stalled = _syn_sent_to(stalled_port)
+        writer.write(socks_request(CONNECT, "127.0.0.1", stalled_port))
+        await poll(lambda: _syn_sent_to(stalled_port) > stalled,
+                   what="the proxy's connect")
+        applied = await apply_policy(proxy, {"destinations": {"block_private": True}})
+        assert applied["revoked_sessions"] == 1
+        reply = await asyncio.wait_for(read_reply(reader), DEADLINE)
+        assert reply.rep == 0x02
+        assert await is_closed_by_peer(reader)
+        writer.close()
+    event = await proxy.event_for(int(writer.get_extra_info("sockname")[1]))
+    assert (event["status"], event["reply_code"], event["close_reason"]) == (
+        "denied_destination", 2, "revoked")
+
+
+def _syn_sent_to(port: int) -> int:
+    """How many IPv4 sockets of this machine are connecting (SYN_SENT) to 127.0.0.1:`port`."""
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows
+               if row[2] == f"0100007F:{port:04X}" and row[3] == "02")
 
 
 async def test_disabling_a_user_closes_their_sessions_only(
