@@ -2,14 +2,16 @@
 """The repository's batch insert against raw binary COPY, and the stats queries at 1 M rows.
 
 Usage: .venv/bin/python bench/storage.py [--runs N] [--quick] [--rows N] [--skip-stats]
-                                         [--skip-inserts]
+                                         [--skip-inserts] [--unchecked]
 
 Part 1, inserts (issue 3's target: insert_batch >= 60 % of raw COPY at the same batch size).
 One throwaway embedded PostgreSQL (non-durable: fsync, synchronous_commit and
 full_page_writes off), migrated. For each run and each batch size (1,000 and 5,000): fresh
 generated events (bench/socksbench/pgdata.py: Zipf domains, clients, users; 93 % ok), then
 
-  - `Repository.insert_batch` (row checks, binary COPY into the staging table, INSERT ... ON
+  - `Repository.insert_batch` (rows as the collector hands them over, `checked` by its
+    normalizer; `--unchecked`: the repository's row checks too; binary COPY into the
+    staging table, INSERT ... ON
     CONFLICT into traffic_logs, the totals rollups and the rollup queue from its RETURNING),
     one call per batch, with the repository's background roll-forward of the queue into the
     domain and client rollups (minute, hour, day) on a second pooled connection, as in a
@@ -69,10 +71,13 @@ def log(message: str) -> None:
 
 
 async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
-                      out: dict[str, Any]) -> None:
+                      out: dict[str, Any], unchecked: bool = False) -> None:
     samples: dict[str, list[float]] = out.setdefault("samples", {})
     loads: list[dict[str, float]] = out.setdefault("loads", [])
     rng = random.Random(3)
+    # As the collector hands them over: rows its normalizer built, which the repository need
+    # not check again (`--unchecked`: as an untrusted caller's, every row checked).
+    checked: dict[str, Any] = {} if unchecked else {"checked": True}
     # Two connections: insert_batch's, and the background roll-forward's.
     repo = await Repository.open(url=url, min_size=2, max_size=2)
     # One connection, no background work: inserts, then a roll-forward per SERIAL_EVERY rows.
@@ -102,7 +107,7 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                                        acked: list[float] = acked) -> float:
                     started = time.perf_counter()
                     for batch in batches:
-                        result = await repo.insert_batch(events=batch)
+                        result = await repo.insert_batch(events=batch, **checked)
                         assert result.inserted == len(batch), result
                     acked.append(time.perf_counter() - started)
                     # Honest: the domain and client rollups are up to date only now.
@@ -114,7 +119,7 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                     started = time.perf_counter()
                     queued = 0
                     for batch in batches:
-                        result = await serial.insert_batch(events=batch)
+                        result = await serial.insert_batch(events=batch, **checked)
                         assert result.inserted == len(batch), result
                         queued += len(batch)
                         if queued >= SERIAL_EVERY:
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-inserts", action="store_true", help="stats queries only")
     parser.add_argument("--independent-users", action="store_true",
                         help="stats data: a user drawn per connection, not one per address")
+    parser.add_argument("--unchecked", action="store_true",
+                        help="inserts: the repository checks every row (an untrusted caller)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = args.runs or (1 if args.quick else 5)
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"PostgreSQL at {server.dsn} (non-durable); inserts: {runs} run(s) of "
                 f"{insert_rows:,} rows per batch size")
             asyncio.run(insert_runs(server.url_for("postgres"), pg_pid, runs, insert_rows,
-                                    out))
+                                    out, unchecked=args.unchecked))
     stats: list[dict[str, Any]] = []
     fill_s = None
     if not args.skip_stats:
@@ -348,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "stats_rows": stats_rows,
         "stats_fill_s": fill_s,
         "independent_users": args.independent_users,
+        "unchecked": args.unchecked,
         "loadavg_before": load0,
         "loadavg_after": os.getloadavg(),
         "elapsed_s": round(time.monotonic() - T0, 1),

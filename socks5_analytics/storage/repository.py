@@ -89,6 +89,12 @@ __all__ = ["Repository"]
 _log = structlog.get_logger(__name__)
 # Queue rows one roll-forward transaction takes at most (a backlog goes in several).
 _ROLL_FORWARD_CHUNK = 200_000
+# The background roll-forward starts once this many rows were queued since the last one
+# began, or this many seconds after the first of fewer. Larger chunks upsert fewer rows per
+# event (keys repeat): at b = 1,000, rolling every commit cost 42-49 µs of PostgreSQL CPU
+# an event, every 10,000 rows 24-25 µs.
+_ROLL_FORWARD_ROWS = 5_000
+_ROLL_FORWARD_DELAY = 0.25
 
 
 def _event_record(e: StoredEvent) -> tuple[Any, ...]:
@@ -405,7 +411,8 @@ class Repository:
         # The roll-forward that follows commits: one at a time, run again if asked meanwhile.
         self.auto_roll_forward = True
         self._roller: asyncio.Task[None] | None = None
-        self._roll_again = False
+        self._roll_timer: asyncio.TimerHandle | None = None
+        self._pending_rows = 0  # queued by this process since its last roll-forward began
         # The time now, for choosing the cheapest tiers of a ranking (tests set it).
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -463,9 +470,14 @@ class Repository:
 
     async def close(self) -> None:
         """Close the pool, waiting for connections in use (and a roll-forward) to finish."""
+        if self._roll_timer is not None:  # roll what is waiting for the timer now
+            self._roll_timer.cancel()
+            self._roll_timer = None
+            if self._pending_rows and (self._roller is None or self._roller.done()):
+                self._roller = asyncio.get_running_loop().create_task(
+                    self._roll_in_background())
         roller = self._roller
         if roller is not None and not roller.done():
-            self._roll_again = False
             try:
                 await asyncio.wait_for(asyncio.shield(roller), timeout=10)
             except (TimeoutError, asyncio.CancelledError):
@@ -517,6 +529,7 @@ class Repository:
         events: Sequence[StoredEvent] = (),
         interims: Sequence[InterimReport] = (),
         now: datetime | None = None,
+        checked: bool = False,
     ) -> BatchResult:
         """Store a batch exactly once: new events, their rollups and interim byte counts.
 
@@ -525,30 +538,48 @@ class Repository:
         (`expired`); rows stamped after the last day partitions are kept for (clock skew)
         are rejected. Should the database still refuse the batch, `InvalidBatchError` is
         raised and nothing of it is written, so the caller can keep it.
+
+        `checked`: the caller vouches that every row already passes `validation.check_event`
+        / `check_interim` (the collector's normalizer builds rows only from values it
+        checked), so those checks are skipped; the retention and clock-skew limits still
+        apply, and the database's constraints remain the last line of defence.
         """
         now = now or datetime.now(UTC)
         oldest, newest = self._horizon(now)
         rejected: list[RejectedRow] = []
         expired = 0
-        good_events: list[StoredEvent] = []
+        good_events: Sequence[StoredEvent] = []
         days: set[date] = set()
-        for event in events:
-            reason = check_event(event)
-            if reason is None:
-                first, last = _utc_day(event.started_at), _utc_day(event.ended_at)
-                if first < oldest:
-                    expired += 1
-                    continue
-                if last > newest:
-                    reason = f"ended_at {event.ended_at.isoformat()} is beyond {newest}"
-                else:
-                    days.update((first, last))
-                    good_events.append(event)
-                    continue
-            rejected.append(RejectedRow(event.event_id, "event", reason))
+        first_day = last_day = None
+        if checked and events:
+            first_day = _utc_day(min(event.started_at for event in events))
+            last_day = _utc_day(max(event.ended_at for event in events))
+        if first_day is not None and last_day is not None and (
+                oldest <= first_day and last_day <= newest):
+            # All within the kept days: no row to set aside, nothing to look at row by row.
+            good_events = events
+            days.update(first_day + timedelta(days=n)
+                        for n in range((last_day - first_day).days + 1))
+        else:
+            kept: list[StoredEvent] = []
+            for event in events:
+                reason = None if checked else check_event(event)
+                if reason is None:
+                    first, last = _utc_day(event.started_at), _utc_day(event.ended_at)
+                    if first < oldest:
+                        expired += 1
+                        continue
+                    if last > newest:
+                        reason = f"ended_at {event.ended_at.isoformat()} is beyond {newest}"
+                    else:
+                        days.update((first, last))
+                        kept.append(event)
+                        continue
+                rejected.append(RejectedRow(event.event_id, "event", reason))
+            good_events = kept
         good_interims: list[InterimReport] = []
         for report in interims:
-            reason = check_interim(report)
+            reason = None if checked else check_interim(report)
             if reason is None:
                 day = _utc_day(report.reported_at)
                 if day < oldest or _utc_day(report.started_at) < oldest:
@@ -586,7 +617,7 @@ class Repository:
                     self._known_days.clear()
                     raise
             if inserted or interim_applied:
-                self._schedule_roll_forward()
+                self._schedule_roll_forward(inserted + interim_applied)
         return BatchResult(
             inserted=inserted,
             duplicates=len(good_events) - inserted,
@@ -619,33 +650,51 @@ class Repository:
 
     # -- rolling the queue forward ---------------------------------------------------------
 
-    def _schedule_roll_forward(self) -> None:
+    def _schedule_roll_forward(self, rows: int) -> None:
         """Roll the queue forward in the background, after the caller's commit.
 
         The batch is acknowledged without waiting: readers add what is still queued, so the
-        rollups' lag never shows. At most one runs per repository; one asked for while
-        another runs runs after it, taking everything queued by then in one go. It waits
-        for another process's roll-forward rather than skip: that one may have started
-        before our commit, and nothing else would take our rows until the next batch.
+        rollups' lag never shows. Roll-forwards are fewer and larger than commits: one
+        starts once `_ROLL_FORWARD_ROWS` rows were queued since the last one began, or
+        `_ROLL_FORWARD_DELAY` seconds after the first of fewer (keys repeat within a chunk,
+        so a larger one upserts fewer rows per event). At most one runs per repository,
+        taking everything queued by then. It waits for another process's roll-forward
+        rather than skip: that one may have started before our commit, and nothing else
+        would take our rows until the next batch.
         """
         if not self.auto_roll_forward:
             return
+        self._pending_rows += rows
         if self._roller is not None and not self._roller.done():
-            self._roll_again = True
-            return
-        self._roller = asyncio.get_running_loop().create_task(self._roll_in_background())
+            return  # it looks again when it is done
+        if self._pending_rows >= _ROLL_FORWARD_ROWS:
+            self._start_roller()
+        elif self._roll_timer is None:
+            self._roll_timer = asyncio.get_running_loop().call_later(
+                _ROLL_FORWARD_DELAY, self._start_roller)
+
+    def _start_roller(self) -> None:
+        if self._roll_timer is not None:
+            self._roll_timer.cancel()
+            self._roll_timer = None
+        if self._roller is None or self._roller.done():
+            self._roller = asyncio.get_running_loop().create_task(self._roll_in_background())
 
     async def _roll_in_background(self) -> None:
         while True:
-            self._roll_again = False
+            self._pending_rows = 0
             try:
                 await self.roll_forward()
             except StorageError as exc:
                 # The next commit or maintenance pass tries again; nothing is lost.
                 _log.warning("rollup roll-forward failed", error=str(exc))
                 return
-            if not self._roll_again:
-                return
+            if self._pending_rows >= _ROLL_FORWARD_ROWS:
+                continue
+            if self._pending_rows and self._roll_timer is None:
+                self._roll_timer = asyncio.get_running_loop().call_later(
+                    _ROLL_FORWARD_DELAY, self._start_roller)
+            return
 
     async def roll_forward(self, *, wait: bool = True) -> int:
         """Move every queued domain and client delta into their minute, hour and day rollups.

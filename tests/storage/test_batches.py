@@ -10,9 +10,10 @@ from datetime import timedelta
 from ipaddress import IPv6Address
 
 import asyncpg
+import pytest
 from storage_data import NOW, make_event, make_interim
 
-from socks5_analytics.storage import NodeReport, Repository, StatsFilter
+from socks5_analytics.storage import InvalidBatchError, NodeReport, Repository, StatsFilter
 
 TOTALS_SQL = """
 SELECT coalesce(sum(connections), 0), coalesce(sum(bytes_in), 0), coalesce(sum(bytes_out), 0)
@@ -196,3 +197,39 @@ async def test_logs_pages_by_cursor_and_offset(repo: Repository) -> None:
     assert [item.event_id for item in by_offset.items] == newest_first[20:]
     filtered = await repo.logs(flt=replace(flt, user="nobody"))
     assert (filtered.items, filtered.total) == ((), 0)
+
+
+async def test_checked_rows_skip_the_row_checks_but_not_the_limits(
+        repo: Repository, db: asyncpg.Connection) -> None:
+    """`checked=True` (the collector's normalized rows) skips the row checks, so a row the
+    checks would set aside reaches the database, whose constraints refuse the batch; the
+    retention and clock-skew limits still apply to checked rows."""
+    bad = make_event(status="no-such-status")
+    unchecked = await repo.insert_batch(events=[bad], now=NOW)
+    assert [row.event_id for row in unchecked.rejected] == [bad.event_id]
+    with pytest.raises(InvalidBatchError):
+        await repo.insert_batch(events=[bad], now=NOW, checked=True)
+
+    old = make_event(started_at=NOW - timedelta(days=40))
+    future = make_event(started_at=NOW + timedelta(days=10))
+    fine = make_event()
+    result = await repo.insert_batch(events=[old, fine, future], now=NOW, checked=True)
+    assert (result.inserted, result.expired) == (1, 1)
+    assert [row.event_id for row in result.rejected] == [future.event_id]
+    # All in range: the whole batch goes in without a look at each row.
+    many = [make_event(started_at=NOW - timedelta(hours=n)) for n in range(30)]
+    assert (await repo.insert_batch(events=many, now=NOW, checked=True)).inserted == 30
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 31
+
+
+async def test_a_clean_close_rolls_forward_what_waits(database_url: str,
+                                                      db: asyncpg.Connection) -> None:
+    """A small batch's roll-forward waits for more rows (or a moment); closing the
+    repository rolls it forward rather than leave it queued."""
+    repo = await Repository.open(url=database_url)
+    try:
+        await repo.insert_batch(events=[make_event()], now=NOW)
+    finally:
+        await repo.close()
+    assert await db.fetchval("SELECT count(*) FROM rollup_queue") == 0
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_domains_day") == 1
