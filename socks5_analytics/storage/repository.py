@@ -910,8 +910,11 @@ class Repository:
                 return ranked, int(ranked[0]["total"])
             second = _Where()
             keys = second.param([row["key"] for row in ranked])
+            # Named buckets pay when the key follows the bucket in the primary key (domains,
+            # source addresses); a user's rows are spread over each bucket's addresses.
             source = _rollup_source(rollup, flt, since, until, second,
-                                    condition=f"{column} = ANY({keys})", point_lookups=True)
+                                    condition=f"{column} = ANY({keys})",
+                                    point_lookups=column == rollup.keys[0])
             details = {row["key"]: row for row in await connection.fetch(
                 f"SELECT {column} AS key, {measures} FROM {source} GROUP BY {column}",
                 *second.args)}
