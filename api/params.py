@@ -97,7 +97,7 @@ ROUTE_PARAMETERS: dict[str, tuple[str, ...]] = {
     "latency": (*WINDOW, *PAGE, *FILTERS, "group_by"),
     "statuses": (*WINDOW, *PAGE, *FILTERS),
     "logs": (*WINDOW, *PAGE, *FILTERS, "cursor"),
-    "nodes": PAGE,
+    "nodes": (*WINDOW, *PAGE, *FILTERS),
     "none": (),
 }
 

@@ -409,11 +409,14 @@ ON CONFLICT (node_id) DO UPDATE SET
 WHERE n.last_seen <= excluded.last_seen
 """
 
+# {where}: conditions on `n`; {page}: LIMIT and OFFSET (the last two arguments).
 SELECT_NODES = """
-SELECT node_id, version, started_at, last_seen, policy_version, active_connections,
-       count(*) OVER () AS total
-FROM proxy_nodes ORDER BY node_id LIMIT $1 OFFSET $2
+SELECT n.node_id, n.version, n.started_at, n.last_seen, n.policy_version,
+       n.active_connections, count(*) OVER () AS total
+FROM proxy_nodes n WHERE {where} ORDER BY n.node_id {page}
 """
+
+COUNT_NODES = "SELECT count(*) FROM proxy_nodes n WHERE {where}"
 
 CREATE_PARTITIONS = "SELECT s5a_create_day_partitions($1::date, $2::date)"
 

@@ -1156,9 +1156,33 @@ class Repository:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    async def nodes(self, *, limit: int = 100, offset: int = 0) -> Page[NodeInfo]:
-        """The proxy nodes seen, by id, with what each reported last."""
-        rows = await self._fetch(_sql.SELECT_NODES, (limit, offset))
+    async def nodes(
+        self, *, flt: StatsFilter | None = None, limit: int = 100, offset: int = 0
+    ) -> Page[NodeInfo]:
+        """The proxy nodes seen, by id, with what each reported last.
+
+        With `flt`: the nodes up at some time in [since, until) (started before its end, a
+        heartbeat since its start), `node` naming one; the event filters (user, source_ip,
+        domain, status) keep the nodes that carried such an event in the window.
+        """
+        where = _Where()
+        if flt is not None:
+            _window(flt)  # validates
+            where.add("n.last_seen >= {} AND n.started_at < {}", flt.since, flt.until)
+            if flt.node is not None:
+                where.add("n.node_id = {}", flt.node)
+            carried = {name: value for name, value in _active_filters(flt).items()
+                       if name != "node"}
+            if carried:
+                event = [f"t.node_id = n.node_id AND t.started_at >= {where.param(flt.since)} "
+                         f"AND t.started_at < {where.param(flt.until)}"]
+                event += [f"t.{_RAW_COLUMN[name]} = {where.param(value)}"
+                          for name, value in carried.items()]
+                where.conditions.append(
+                    f"EXISTS (SELECT 1 FROM traffic_logs t WHERE {' AND '.join(event)})")
+        page = f"LIMIT {where.param(limit)} OFFSET {where.param(offset)}"
+        rows = await self._fetch(_sql.SELECT_NODES.format(where=where.sql, page=page),
+                                 tuple(where.args))
         items = tuple(
             NodeInfo(node_id=row["node_id"], version=row["version"],
                      started_at=row["started_at"], last_seen=row["last_seen"],
@@ -1168,5 +1192,7 @@ class Repository:
         )
         total = int(rows[0]["total"]) if rows else 0
         if not rows and offset:
-            total = int((await self._fetch("SELECT count(*) FROM proxy_nodes", ()))[0][0])
+            counted = await self._fetch(
+                _sql.COUNT_NODES.format(where=where.sql), tuple(where.args[:-2]))
+            total = int(counted[0][0])
         return Page(items=items, total=total, limit=limit, offset=offset)

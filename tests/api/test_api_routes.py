@@ -240,6 +240,32 @@ def test_nodes(client: httpx.Client) -> None:
     ], 2)
 
 
+NODES_WINDOWED: list[tuple[str, dict[str, str], list[str]]] = [
+    ("both up in the window", WINDOW, ["node-a", "node-b"]),
+    ("one named", {**WINDOW, "node": "node-b"}, ["node-b"]),
+    ("bob's traffic went through node-b", {**WINDOW, "user": "bob"}, ["node-b"]),
+    ("a source seen on node-b only", {**WINDOW, "source_ip": "192.0.2.20"}, ["node-b"]),
+    ("a domain seen on node-a only", {**WINDOW, "domain": "api.example.com"}, ["node-a"]),
+    ("a status seen on node-a only", {**WINDOW, "status": "auth_failed"}, ["node-a"]),
+    ("a status seen on neither", {**WINDOW, "status": "refused"}, []),
+    ("the events were before this window", {**WINDOW, "user": "bob",
+                                             "from": iso(TO), "to": iso(NOW)}, []),
+    ("before both started", {"from": iso(BASE - timedelta(hours=2)),
+                             "to": iso(BASE - timedelta(hours=1))}, []),
+    ("after both were last seen", {"from": iso(NOW + timedelta(minutes=1)),
+                                   "to": iso(NOW + timedelta(hours=1))}, []),
+]
+
+
+@pytest.mark.parametrize(("params", "expected"), [row[1:] for row in NODES_WINDOWED],
+                         ids=[row[0] for row in NODES_WINDOWED])
+def test_nodes_by_window_and_filters(client: httpx.Client, params: dict[str, str],
+                                     expected: list[str]) -> None:
+    body = get(client, "/nodes", **params)
+    assert [item["node_id"] for item in body["items"]] == expected
+    assert body["total"] == len(expected)
+
+
 def test_default_window_is_the_last_24_hours(client: httpx.Client) -> None:
     body = get(client, "/stats/statuses")
     in_day = TRAFFIC.select(datetime.now(UTC) - timedelta(hours=24), datetime.now(UTC))
