@@ -143,6 +143,9 @@ async def _serve(settings: Settings, *, reuse_port: bool, worker: int,
     if proxy.policy_file is not None:
         tasks.append(loop.create_task(watcher.run()))
         loop.add_signal_handler(signal.SIGHUP, lambda: watcher.check(force=True))
+    else:  # SIGHUP means "reload" (never "die"), even with nothing to re-read
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+            "SIGHUP: no policy file to re-read", policy_version=watcher.version))
     if proxy.policy_secret.enabled:
         secret_watch = SecretWatch(proxy.policy_secret, offer=watcher.offer, log=log)
         tasks.append(loop.create_task(secret_watch.run()))

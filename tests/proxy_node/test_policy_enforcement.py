@@ -653,6 +653,20 @@ async def test_sighup_applies_at_once(start_proxy: StartProxy, echo_server: TcpS
     await refused(proxy, "127.0.0.1", echo_server.port, "denied_destination")
 
 
+async def test_sighup_without_a_policy_file_is_harmless(tmp_path: Path) -> None:
+    """Without a policy file there is nothing to re-read, but SIGHUP must not kill the node
+    (its default action would), e.g. when `up` passes a terminal's hangup on."""
+    proxy = ProxyProcess(tmp_path / "proxy", {})
+    proxy.policy_path = None  # the default policy: no file at all
+    proxy.start()
+    try:
+        proxy.send_signal(signal.SIGHUP)
+        await wait_log_where(proxy, "SIGHUP: no policy file to re-read")
+        assert proxy.returncode is None
+    finally:
+        proxy.stop()
+
+
 # -- the open-proxy warning ----------------------------------------------------------------
 
 
