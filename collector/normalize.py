@@ -28,11 +28,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any, Protocol
+from typing import Any
 
-import idna
 from asyncpg.pgproto.pgproto import UUID as _FastUUID
 
+from socks5_analytics.domains import (
+    SuffixList,
+    canonical_domain,
+    could_be_ip,
+    default_suffix_list,
+    is_ip_text,
+)
 from socks5_analytics.storage.models import InterimReport, StoredEvent
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
 
@@ -59,8 +65,6 @@ _MICROSECOND = timedelta(microseconds=1)
 _TIMESTAMP_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, protobuf's own limit
 _BIGINT_MAX = (1 << 63) - 1
 _MAX_NAME = 255  # user and dest_host, as traffic_logs takes them
-_MAX_DOMAIN = 253
-_MAX_LABEL = 63
 _MAX_NODE_ID = 128
 # Distinct names (and addresses) remembered, least recently used first out: a proxy fleet
 # sees the same few thousand names again and again, and one entry is a few hundred bytes.
@@ -92,26 +96,6 @@ _CLOSE_REASONS: dict[int, str] = {
     pb.CLOSE_REASON_REVOKED: "revoked",
     pb.CLOSE_REASON_ERROR: "error",
 }
-
-
-class SuffixList(Protocol):
-    """The one call of `publicsuffixlist.PublicSuffixList` we use."""
-
-    def privatesuffix(self, domain: str) -> str | None:
-        """The registrable domain of `domain`, None when it is a public suffix itself."""
-        ...
-
-
-def default_suffix_list(*, private_domains: bool = False) -> SuffixList:
-    """The Public Suffix List shipped in the `publicsuffixlist` wheel (no network).
-
-    ICANN section only by default, so `a.b.github.io` counts under `github.io`; with
-    `private_domains` the private section is honoured too (`b.github.io`).
-    """
-    from publicsuffixlist import PublicSuffixList
-
-    suffixes: SuffixList = PublicSuffixList(only_icann=not private_domains)
-    return suffixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +154,7 @@ def domain_answer(suffixes: SuffixList, text: str) -> DomainAnswer:
         name = canonical_domain(text)
     except ValueError as exc:
         return None, None, str(exc)
-    if _is_ip_text(name):
+    if is_ip_text(name):
         return None, None, None
     return name, suffixes.privatesuffix(name), None
 
@@ -180,55 +164,13 @@ def host_answer(domain: Callable[[str], DomainAnswer], text: str) -> HostAnswer:
 
     `domain` judges names (`DomainRules.domain`, so that both caches share its work).
     """
-    if _could_be_ip(text):
+    if could_be_ip(text):
         try:
             return str(canonical_ip(ip_address(text).packed)), None
         except ValueError:
             pass  # not an address after all: judged as a name below
     name, _, reason = domain(text)
     return (None, reason) if reason is not None else (name or text, None)
-
-
-def _could_be_ip(text: str) -> bool:
-    """False when `ipaddress.ip_address` would surely refuse `text` (its refusal is slow).
-
-    An IPv4 literal is ASCII digits and dots only; an IPv6 literal has colons.
-    """
-    return ":" in text or (text.isascii() and text.replace(".", "").isdigit())
-
-
-def _is_ip_text(text: str) -> bool:
-    if not _could_be_ip(text):
-        return False
-    try:
-        ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def canonical_domain(text: str) -> str:
-    """A domain lower-cased and IDNA-encoded, without a root dot; ValueError says why not."""
-    name = text[:-1] if text.endswith(".") else text
-    if not name:
-        raise ValueError("empty")
-    if name.isascii():
-        if not name.isprintable() or " " in name:
-            raise ValueError("contains spaces or control characters")
-        name = name.lower()
-    else:
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise ValueError(f"not a valid internationalized name ({exc})") from exc
-    if len(name) > _MAX_DOMAIN:
-        raise ValueError(f"{len(name)} characters, at most {_MAX_DOMAIN}")
-    for label in name.split("."):
-        if not label:
-            raise ValueError("has an empty label")
-        if len(label) > _MAX_LABEL:
-            raise ValueError(f"a label of {len(label)} characters, at most {_MAX_LABEL}")
-    return name
 
 
 def canonical_ip(raw: bytes) -> IPAddress:

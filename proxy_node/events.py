@@ -82,9 +82,12 @@ class ConnectionEvent(NamedTuple):
         data["ended_at"] = _iso(self.ended_at)
         return data
 
-    def to_json_line(self) -> str:
+    def to_json_line(self, registered_domain: str | None = None) -> str:
         """`to_json_dict()` as one JSON line, built directly: the sink writes one per
-        connection, and a general encoder over a fresh dict cost twice as much."""
+        connection, and a general encoder over a fresh dict cost twice as much.
+        `registered_domain`, when given, is written instead of the event's own (None)."""
+        if registered_domain is None:
+            registered_domain = self.registered_domain
         return (
             f'{{"event_id": "{self.event_id}", "node_id": {_quote(self.node_id)}, '
             f'"started_at": "{_iso(self.started_at)}", "ended_at": "{_iso(self.ended_at)}", '
@@ -93,7 +96,7 @@ class ConnectionEvent(NamedTuple):
             f'"protocol": {_quote(self.protocol)}, "dest_host": {_text(self.dest_host)}, '
             f'"domain": {_text(self.domain)}, "dest_ip": {_text(self.dest_ip)}, '
             f'"dest_port": {_number(self.dest_port)}, '
-            f'"registered_domain": {_text(self.registered_domain)}, '
+            f'"registered_domain": {_text(registered_domain)}, '
             f'"status": {_quote(self.status)}, "reply_code": {_number(self.reply_code)}, '
             f'"close_reason": {_quote(self.close_reason)}, '
             f'"connect_ms": {_number(self.connect_ms)}, "ttfb_ms": {_number(self.ttfb_ms)}, '
@@ -228,7 +231,7 @@ class ConnectionRecord:
             self.domain,
             self.dest_ip,
             self.dest_port,
-            None,  # registered_domain: the collector derives it
+            None,  # registered_domain: the collector (or the file sink) derives it
             self.status,
             self.reply_code,
             self.close_reason,

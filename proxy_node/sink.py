@@ -2,25 +2,32 @@
 
 `emit()` is a non-waiting append to a bounded buffer; a full buffer drops the event and
 counts it. The JSON-lines sink writes from its own thread, so a slow disk delays only the
-file, never a proxied byte.
+file, never a proxied byte; that thread also fills in `registered_domain`, which the
+collector would otherwise derive (same function, same Public Suffix List).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from proxy_node.events import ConnectionEvent, InterimSample
+from socks5_analytics.domains import default_suffix_list, registered_domain
 from socks5_analytics.logs import get_logger
 
 __all__ = ["EventSink", "JsonLinesSink", "NullSink"]
 
 log = get_logger(__name__)
+
+# Distinct names remembered by the file sink's registered-domain lookup.
+_REGISTERED_CACHE = 65_536
 
 
 class EventSink(Protocol):
@@ -62,12 +69,14 @@ class NullSink:
 class JsonLinesSink:
     """Appends one JSON object per line to a file, from a background thread."""
 
-    def __init__(self, path: Path, *, capacity: int, flush_interval: float) -> None:
+    def __init__(self, path: Path, *, capacity: int, flush_interval: float,
+                 registered: Callable[[str], str | None] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND: worker processes share the file; each batch is one write() call.
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._capacity = capacity
         self._interval = flush_interval
+        self._registered = registered
         # deque.append and popleft are atomic: the loop thread never takes a lock.
         self._buffer: deque[ConnectionEvent] = deque()
         self._wake = threading.Event()
@@ -101,6 +110,15 @@ class JsonLinesSink:
         self._thread.join(timeout=10)
         os.close(self._fd)
 
+    def _registered_lookup(self) -> Callable[[str], str | None]:
+        """The name -> registrable part function, built on first use in the writer thread
+        (loading the Public Suffix List takes some 30 ms; the loop never waits for it)."""
+        if self._registered is None:
+            suffixes = default_suffix_list()
+            self._registered = functools.lru_cache(maxsize=_REGISTERED_CACHE)(
+                functools.partial(registered_domain, suffixes))
+        return self._registered
+
     def _swap(self) -> list[ConnectionEvent]:
         buffer = self._buffer
         return [buffer.popleft() for _ in range(len(buffer))]
@@ -111,7 +129,12 @@ class JsonLinesSink:
             closing = self._closed
             batch = self._swap()
             if batch:
-                lines = "".join([event.to_json_line() for event in batch])
+                registered = self._registered_lookup()
+                lines = "".join([
+                    event.to_json_line(None if event.domain is None
+                                       else registered(event.domain))
+                    for event in batch
+                ])
                 try:
                     os.write(self._fd, lines.encode())
                 except OSError as exc:

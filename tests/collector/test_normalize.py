@@ -14,7 +14,6 @@ from ingest_client import make_event, make_interim, stamp
 
 from collector.normalize import (
     DomainRules,
-    _could_be_ip,
     canonical_domain,
     canonical_ip,
     default_suffix_list,
@@ -24,6 +23,7 @@ from collector.normalize import (
     normalize_event,
     normalize_interim,
 )
+from socks5_analytics.domains import could_be_ip
 from socks5_analytics.storage import InterimReport, StoredEvent
 from socks5_analytics.storage.validation import check_event, check_interim
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
@@ -274,7 +274,7 @@ def test_the_ip_prefilter_never_refuses_an_address(text: str) -> None:
         ip_address(text)
     except ValueError:
         return
-    assert _could_be_ip(text)
+    assert could_be_ip(text)
 
 
 def test_event_ids_are_uuids() -> None:

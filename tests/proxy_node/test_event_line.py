@@ -1,15 +1,19 @@
-"""The JSON-lines sink's hand-built line says exactly what the json module would say."""
+"""The JSON-lines sink's hand-built line says exactly what the json module would say, and
+the sink fills in the registered domain the collector would store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy_node.events import ConnectionEvent, ConnectionRecord
+from proxy_node.sink import JsonLinesSink
 
 _text = st.text(max_size=40)
 _optional_text = st.none() | _text
@@ -25,13 +29,13 @@ _moment = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 
     duration_ms=st.floats(min_value=0, max_value=1e9, allow_nan=False),
     bytes_out=st.integers(0, 2**63 - 1), bytes_in=st.integers(0, 2**63 - 1),
     trace_id=st.none() | st.text("0123456789abcdef", min_size=32, max_size=32),
-    started=_moment, event_id=st.uuids(),
+    started=_moment, event_id=st.uuids(), registered=_optional_text,
 )
 def test_line_equals_the_json_modules_encoding(
     node_id: str, user: str, dest_host: str | None, domain: str | None, dest_ip: str | None,
     dest_port: int | None, reply_code: int | None, connect_ms: float | None,
     ttfb_ms: float | None, duration_ms: float, bytes_out: int, bytes_in: int,
-    trace_id: str | None, started: datetime, event_id: uuid.UUID,
+    trace_id: str | None, started: datetime, event_id: uuid.UUID, registered: str | None,
 ) -> None:
     event = ConnectionEvent(
         event_id, node_id, started, started + timedelta(milliseconds=duration_ms // 1),
@@ -44,6 +48,9 @@ def test_line_equals_the_json_modules_encoding(
     assert line.isascii()
     assert json.loads(line) == event.to_json_dict()
     assert line == json.dumps(event.to_json_dict()) + "\n"
+    with_registered = event.to_json_line(registered)
+    expected = {**event.to_json_dict(), "registered_domain": registered}
+    assert with_registered == json.dumps(expected) + "\n"
 
 
 def test_a_finished_record_round_trips() -> None:
@@ -56,3 +63,22 @@ def test_a_finished_record_round_trips() -> None:
     assert decoded["connect_ms"] == 2.5 and decoded["duration_ms"] == 250.0
     assert decoded["registered_domain"] is None and "span_id" not in decoded
     assert decoded == event.to_json_dict()
+
+
+def _event(domain: str | None, dest_host: str | None) -> ConnectionEvent:
+    record = ConnectionRecord("10.0.0.7", 51000, 100.0)
+    record.status, record.reply_code, record.dest_port = "ok", 0, 443
+    record.dest_host, record.domain = dest_host, domain
+    return record.finish(node_id="node-a", now_mono=100.25)
+
+
+def test_the_file_sink_writes_the_registered_domain(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(path, capacity=100, flush_interval=0.05)
+    sink.emit(_event("WWW.BBC.co.uk", "WWW.BBC.co.uk"))
+    sink.emit(_event(None, "192.0.2.9"))
+    sink.emit(_event("localhost", "localhost"))  # a public suffix of its own: none
+    asyncio.run(sink.close())
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["domain"], e["registered_domain"]) for e in lines] == [
+        ("WWW.BBC.co.uk", "bbc.co.uk"), (None, None), ("localhost", None)]
