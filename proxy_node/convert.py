@@ -6,6 +6,7 @@ collector's normalizer is the inverse.
 
 from __future__ import annotations
 
+import functools
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -56,22 +57,10 @@ def ip_bytes(address: str | None) -> bytes:
     return socket.inet_pton(socket.AF_INET, address)
 
 
-# The same few clients and destinations recur: a dict hit costs a third of an inet_pton.
-# Bounded by starting afresh when full, so a node that sees ever new addresses keeps working.
-_IP_CACHE: dict[str, bytes] = {}
+# The same few clients and destinations recur: a cache hit costs a third of an inet_pton.
+# Bounded like access.py's memoized address parsing, so ever new addresses keep working.
 _IP_CACHE_MAX = 4096
-
-
-def _cached_ip_bytes(address: str | None) -> bytes:
-    if not address:
-        return b""
-    packed = _IP_CACHE.get(address)
-    if packed is None:
-        packed = ip_bytes(address)
-        if len(_IP_CACHE) >= _IP_CACHE_MAX:
-            _IP_CACHE.clear()
-        _IP_CACHE[address] = packed
-    return packed
+_cached_ip_bytes = functools.lru_cache(maxsize=_IP_CACHE_MAX)(ip_bytes)
 
 
 def _seconds_nanos(moment: datetime) -> tuple[int, int]:

@@ -100,11 +100,11 @@ def test_a_filled_batch_is_byte_for_byte_the_reference(batch_events: list[Connec
     assert batch.SerializeToString() == reference.SerializeToString()
 
 
-def test_the_address_cache_starts_afresh_when_full() -> None:
-    convert._IP_CACHE.clear()
+def test_the_address_cache_stays_bounded() -> None:
+    convert._cached_ip_bytes.cache_clear()
     for n in range(convert._IP_CACHE_MAX + 10):
         address = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
         expected = bytes([10, n >> 16 & 255, n >> 8 & 255, n & 255])
         assert convert._cached_ip_bytes(address) == expected
-    assert len(convert._IP_CACHE) <= convert._IP_CACHE_MAX
+    assert convert._cached_ip_bytes.cache_info().currsize <= convert._IP_CACHE_MAX
     assert convert._cached_ip_bytes(None) == b"" and convert._cached_ip_bytes("") == b""
