@@ -22,7 +22,7 @@ from proxy_node.resolver import Resolver, SockAddr
 from proxy_node.rules import RuleSet
 from proxy_node.wire import AddressType, Request
 
-__all__ = ["Destination", "destination", "dial", "plain_ip", "sockaddr_for"]
+__all__ = ["Destination", "destination", "dial", "plain_ip", "resolve_allowed", "sockaddr_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,15 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         raise OSError(error, os.strerror(error))
 
 
+async def resolve_allowed(command: str, host: str, port: int, *, resolver: Resolver,
+                          rules: RuleSet) -> list[SockAddr]:
+    """The addresses of a name the rules let `command` use: the name is judged before any
+    DNS query, then each address it resolves to (ConnectionNotAllowed when none is left)."""
+    rules.check_domain(command, host, port)
+    candidates = await resolver.resolve(host, port)
+    return rules.allowed_addresses(command, host, port, candidates)
+
+
 async def dial(
     dest: Destination,
     *,
@@ -138,12 +147,11 @@ async def dial(
     DNS lookup)."""
     loop = asyncio.get_running_loop()
     if dest.is_domain:
-        rules.check_domain(command, dest.host, dest.port)  # before any DNS query
-        candidates = await resolver.resolve(dest.host, dest.port)
+        candidates = await resolve_allowed(command, dest.host, dest.port, resolver=resolver,
+                                           rules=rules)
     else:
-        candidates = [sockaddr_for(dest.host, dest.port)]
-    domain = dest.host if dest.is_domain else None
-    candidates = rules.allowed_addresses(command, domain, dest.port, candidates)
+        candidates = rules.allowed_addresses(command, None, dest.port,
+                                             [sockaddr_for(dest.host, dest.port)])
     failure: Exception | None = None
     deadline = _Deadline()
     timer = loop.call_at(loop.time() + timeout, deadline.fire)

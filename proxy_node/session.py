@@ -22,7 +22,7 @@ from proxy_node.handshake import (
     negotiate,
 )
 from proxy_node.relay import TcpRelay
-from proxy_node.request import Destination, destination, dial, plain_ip
+from proxy_node.request import Destination, destination, dial, plain_ip, resolve_allowed
 from proxy_node.udp import UdpAssociation
 from proxy_node.wire import (
     AuthMethod,
@@ -308,9 +308,8 @@ class Session:
         rules = server.rules
         expected: frozenset[str] | None = None  # who may connect (RFC 1928 §4: DST.ADDR)
         if dest.is_domain:
-            rules.check_domain("bind", dest.host, dest.port)
-            candidates = await server.resolver.resolve(dest.host, dest.port)
-            allowed = rules.allowed_addresses("bind", dest.host, dest.port, candidates)
+            allowed = await resolve_allowed("bind", dest.host, dest.port,
+                                            resolver=server.resolver, rules=rules)
             expected = frozenset(plain_ip(addr[0]) for _, addr in allowed)
         elif dest.host not in _UNSPECIFIED:
             rules.check_destination("bind", dest.host, dest.host, dest.port)
