@@ -33,11 +33,12 @@ from typing import Any
 from asyncpg.pgproto.pgproto import UUID as _FastUUID
 
 from socks5_analytics.domains import (
+    DomainAnswer,
     SuffixList,
     canonical_domain,
     could_be_ip,
     default_suffix_list,
-    is_ip_text,
+    domain_answer,
 )
 from socks5_analytics.storage.models import InterimReport, StoredEvent
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
@@ -119,7 +120,6 @@ class NormalizedBatch:
     invalid: tuple[Invalid, ...]
 
 
-DomainAnswer = tuple[str | None, str | None, str | None]  # (domain, registered, reason)
 HostAnswer = tuple[str | None, str | None]  # (dest_host, reason)
 
 
@@ -146,17 +146,6 @@ class DomainRules:
         self.domain = cached(functools.partial(domain_answer, self.suffixes))
         self.host = cached(functools.partial(host_answer, self.domain))
         self.ip = cached(canonical_ip)
-
-
-def domain_answer(suffixes: SuffixList, text: str) -> DomainAnswer:
-    """(domain, registered_domain, reason) for a name the client sent (uncached)."""
-    try:
-        name = canonical_domain(text)
-    except ValueError as exc:
-        return None, None, str(exc)
-    if is_ip_text(name):
-        return None, None, None
-    return name, suffixes.privatesuffix(name), None
 
 
 def host_answer(domain: Callable[[str], DomainAnswer], text: str) -> HostAnswer:

@@ -13,10 +13,12 @@ from typing import Protocol
 import idna
 
 __all__ = [
+    "DomainAnswer",
     "SuffixList",
     "canonical_domain",
     "could_be_ip",
     "default_suffix_list",
+    "domain_answer",
     "is_ip_text",
     "registered_domain",
 ]
@@ -88,13 +90,23 @@ def is_ip_text(text: str) -> bool:
     return True
 
 
+DomainAnswer = tuple[str | None, str | None, str | None]  # (domain, registered, reason)
+
+
+def domain_answer(suffixes: SuffixList, text: str) -> DomainAnswer:
+    """(domain, registered_domain, reason) for a name the client sent (uncached): the
+    canonical name and its registrable part, or the reason it is not a valid name; an IP
+    literal in text is no name at all (None, None, None)."""
+    try:
+        name = canonical_domain(text)
+    except ValueError as exc:
+        return None, None, str(exc)
+    if is_ip_text(name):
+        return None, None, None
+    return name, suffixes.privatesuffix(name), None
+
+
 def registered_domain(suffixes: SuffixList, text: str) -> str | None:
     """The registrable part of a name the client sent, as stored; None for an IP literal,
     a name that is not valid, or a public suffix itself."""
-    try:
-        name = canonical_domain(text)
-    except ValueError:
-        return None
-    if is_ip_text(name):
-        return None
-    return suffixes.privatesuffix(name)
+    return domain_answer(suffixes, text)[1]
