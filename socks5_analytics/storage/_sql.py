@@ -409,7 +409,7 @@ ON CONFLICT (node_id) DO UPDATE SET
 WHERE n.last_seen <= excluded.last_seen
 """
 
-# {where}: conditions on `n`; {page}: LIMIT and OFFSET (the last two arguments).
+# {where}: conditions on `n`; {page}: LIMIT and OFFSET.
 SELECT_NODES = """
 SELECT n.node_id, n.version, n.started_at, n.last_seen, n.policy_version,
        n.active_connections, count(*) OVER () AS total

@@ -1180,8 +1180,9 @@ class Repository:
                           for name, value in carried.items()]
                 where.conditions.append(
                     f"EXISTS (SELECT 1 FROM traffic_logs t WHERE {' AND '.join(event)})")
+        conditions, condition_args = where.sql, tuple(where.args)
         page = f"LIMIT {where.param(limit)} OFFSET {where.param(offset)}"
-        rows = await self._fetch(_sql.SELECT_NODES.format(where=where.sql, page=page),
+        rows = await self._fetch(_sql.SELECT_NODES.format(where=conditions, page=page),
                                  tuple(where.args))
         items = tuple(
             NodeInfo(node_id=row["node_id"], version=row["version"],
@@ -1192,7 +1193,7 @@ class Repository:
         )
         total = int(rows[0]["total"]) if rows else 0
         if not rows and offset:
-            counted = await self._fetch(
-                _sql.COUNT_NODES.format(where=where.sql), tuple(where.args[:-2]))
+            counted = await self._fetch(_sql.COUNT_NODES.format(where=conditions),
+                                        condition_args)
             total = int(counted[0][0])
         return Page(items=items, total=total, limit=limit, offset=offset)

@@ -266,6 +266,11 @@ def test_nodes_by_window_and_filters(client: httpx.Client, params: dict[str, str
     assert body["total"] == len(expected)
 
 
+def test_nodes_past_the_last_page_still_count_the_filtered_total(client: httpx.Client) -> None:
+    body = get(client, "/nodes", **WINDOW, user="bob", offset=5)
+    assert (body["items"], body["total"]) == ([], 1)
+
+
 def test_default_window_is_the_last_24_hours(client: httpx.Client) -> None:
     body = get(client, "/stats/statuses")
     in_day = TRAFFIC.select(datetime.now(UTC) - timedelta(hours=24), datetime.now(UTC))
