@@ -101,6 +101,17 @@ def log(message: str) -> None:
 # -- the collector process ----------------------------------------------------------------------
 
 
+def _terminate(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if `process` has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class CollectorProcess:
     """`socks5-analytics collector` on a free loopback port; its JSON log lines kept."""
 
@@ -148,13 +159,7 @@ class CollectorProcess:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process, 20)
         self._pump.join(5)
 
 
@@ -180,13 +185,7 @@ class StubCollector:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process, 10)
 
 
 def serve_stub_collector() -> None:
