@@ -104,9 +104,6 @@ def _bucket_filters(column: str) -> list[str]:
     return conditions
 
 
-HISTOGRAM_FROM_RAW = ", ".join(
-    f"count(*) FILTER (WHERE {condition})" for condition in _bucket_filters("connect_ms")
-)
 HISTOGRAM_SUMS_AS = ", ".join(
     f"coalesce(sum({column}), 0) AS {column}" for column in LATENCY_COLUMNS
 )
