@@ -1,4 +1,5 @@
-"""The repository's inputs and outputs: frozen dataclasses, never database records.
+"""The repository's inputs and outputs: frozen dataclasses (one named tuple), never database
+records.
 
 Inputs are already normalized (the collector turns its proto messages into them): times are
 timezone-aware UTC, addresses are `ipaddress` objects, names are lower-case.
@@ -10,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 __all__ = [
     "BatchResult",
@@ -41,9 +42,12 @@ T = TypeVar("T")
 TrafficInterval = Literal["1m", "5m", "1h", "1d"]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """One connection event as `traffic_logs` stores it (DESIGN.md, "The connection event")."""
+class StoredEvent(NamedTuple):
+    """One connection event as `traffic_logs` stores it (DESIGN.md, "The connection event").
+
+    A named tuple rather than a frozen dataclass: as immutable, and built in a third of the
+    time (one C call instead of 23 `object.__setattr__`), which the collector pays per event.
+    """
 
     event_id: uuid.UUID
     node_id: str
