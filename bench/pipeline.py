@@ -594,6 +594,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                 before_rows = asyncio.run(count_rows(url, "%"))
                 pipeline_cores: dict[str, list[float]] = {}
                 lag: dict[str, list[int]] = {}
+                per_event_us: dict[str, dict[str, list[float]]] = {}
                 with generator.running_target() as target:
                     for number in range(sizes.conn_runs):
                         # every mode first, second and last in turn
@@ -606,6 +607,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 pg_pid, collector.pid]
                             meter = pgdata.LoadMeter(pipeline)
                             rows0 = asyncio.run(count_rows(url, "%"))
+                            spent0 = (tree_cpu_seconds(collector.pid), _cpu(pg_pid))
                             try:
                                 made = conn_rate(name, modes[name], target, sizes.conn, number,
                                                  out, workroot / f"conn-{number}-{name}")
@@ -620,6 +622,15 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 # +1: the harness's readiness probe is a connection too
                                 lag.setdefault(name, []).append(made + 1 - arrived)
                                 made_on += made
+                                # what each event cost the collector and PostgreSQL at this
+                                # rate (their idle work, e.g. the checkpointer, included)
+                                per_event = per_event_us.setdefault(name, {})
+                                for who, before, after in zip(
+                                        ("collector", "postgres"), spent0,
+                                        (tree_cpu_seconds(collector.pid), _cpu(pg_pid)),
+                                        strict=True):
+                                    per_event.setdefault(who, []).append(
+                                        (after - before) / max(arrived, 1) * 1e6)
                             # the collector's and PostgreSQL's (or the stub's) share of the
                             # machine (the meter's "ours" also counts this process, idle
                             # meanwhile)
@@ -636,6 +647,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                 extra["conn"] = {"samples": out.samples, "notes": out.notes, "caps": out.caps,
                                  "pipeline_cores": pipeline_cores,
                                  "rows_missing_at_exit": lag,
+                                 "per_event_us": per_event_us,
                                  "connections_with_pipeline": made_on,
                                  "rows_from_proxy": after_rows - before_rows,
                                  "background": [e.get("background_cores") for e in out.raw]}
@@ -712,6 +724,11 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
                 cost = 1 - conn[mode] / conn["off"]
                 lines.append(f"| Pipeline's cost to the conn rate, {label} | {cost * 100:.1f} % "
                              f"| < 10 % | {'yes' if cost < 0.10 else 'no'} |")
+        for mode, costs in conn_result.get("per_event_us", {}).items():
+            lines.append(f"| Collector / PostgreSQL CPU per event during the conn runs, {mode} | "
+                         + " / ".join(f"{statistics.median(costs[who]):.1f}"
+                                      for who in ("collector", "postgres"))
+                         + " µs | | |")
         for mode, missing in conn_result.get("rows_missing_at_exit", {}).items():
             lines.append(f"| Rows not yet committed when the proxy had exited, {mode} | "
                          f"{_runs([float(m) for m in missing], '.0f')} | 0 | "
