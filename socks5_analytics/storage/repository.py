@@ -610,7 +610,7 @@ class Repository:
                                 records=map(_event_record, good_events),
                                 columns=_sql.EVENT_COLUMNS,
                             )
-                            inserted = await connection.fetchval(_sql.INSERT_EVENTS)
+                            inserted = await self._insert_staged(connection)
                 except BaseException:
                     # A partition dropped meanwhile (another process's retention) must be
                     # looked up again rather than trusted from the cache.
@@ -625,6 +625,19 @@ class Repository:
             expired=expired,
             rejected=tuple(rejected),
         )
+
+    @staticmethod
+    async def _insert_staged(connection: asyncpg.Connection) -> int:
+        """Move the staged events into traffic_logs, the rollups and the queue; return how
+        many were new. A plain INSERT first (no conflict checks), in a savepoint; should one
+        of the events be stored already, the INSERT that skips those instead."""
+        await connection.execute(_sql.NEW_EVENTS_SAVEPOINT)
+        try:
+            inserted: int = await connection.fetchval(_sql.INSERT_NEW_EVENTS)
+        except asyncpg.UniqueViolationError:
+            await connection.execute(_sql.ROLLBACK_NEW_EVENTS)
+            inserted = await connection.fetchval(_sql.INSERT_EVENTS)
+        return inserted
 
     @staticmethod
     async def _apply_interims(

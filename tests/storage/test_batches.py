@@ -70,6 +70,23 @@ async def test_rebatched_events_are_stored_once(repo: Repository, db: asyncpg.Co
     await _assert_rollups(repo, db, 10, 10 * 50_000, 10 * 1_000)
 
 
+async def test_a_stored_event_at_the_end_of_a_batch(repo: Repository, db: asyncpg.Connection
+                                                   ) -> None:
+    """A batch goes in by a plain INSERT first; the conflict at its last row undoes that
+    attempt (not the interim report applied before it in the same transaction), and the
+    batch goes again skipping the stored event."""
+    stored = make_event(bytes_in=7)
+    await repo.insert_batch(events=[stored], now=NOW)
+    fresh = [make_event(bytes_in=n) for n in range(1, 51)]
+    open_one = make_event(bytes_in=0, bytes_out=0)
+    report = make_interim(open_one, at=open_one.started_at + timedelta(seconds=1),
+                          bytes_in=1_000)
+    result = await repo.insert_batch(events=[*fresh, stored], interims=[report], now=NOW)
+    assert (result.inserted, result.duplicates, result.interim_applied) == (50, 1, 1)
+    assert await db.fetchval("SELECT count(*) FROM traffic_logs") == 51
+    await _assert_rollups(repo, db, 51, 7 + sum(range(1, 51)) + 1_000, 51 * 1_000)
+
+
 async def test_concurrent_copies_of_a_batch_are_stored_once(
     repo: Repository, db: asyncpg.Connection
 ) -> None:

@@ -298,3 +298,24 @@ async def test_0004_fills_the_ranking_tiers(empty_database_url: str) -> None:
         assert {"rollup_domains_day_p20260330", "rollup_domains_week_p20260330"} <= created
     finally:
         await connection.close()
+
+
+async def test_0005_adds_bigints_as_bigints(empty_database_url: str) -> None:
+    """0005's aggregate sums bigints to a bigint (null for no rows, an error on overflow);
+    downgrading to 0004 removes it."""
+    await upgrade(empty_database_url, "0005")
+    connection = await asyncpg.connect(empty_database_url)
+    try:
+        row = await connection.fetchrow(
+            "SELECT s5a_isum(x), pg_typeof(s5a_isum(x))::text, sum(x)::bigint "
+            "FROM (VALUES (1::bigint), (NULL), (9007199254740993)) AS t(x)")
+        assert tuple(row) == (9007199254740994, "bigint", 9007199254740994)
+        assert await connection.fetchval(
+            "SELECT s5a_isum(x) FROM (SELECT 1::bigint WHERE FALSE) AS t(x)") is None
+        with pytest.raises(asyncpg.NumericValueOutOfRangeError):
+            await connection.fetchval(
+                "SELECT s5a_isum(x) FROM (VALUES (9223372036854775807), (1::bigint)) AS t(x)")
+        await downgrade(empty_database_url, "0004")
+        assert await connection.fetchval("SELECT to_regprocedure('s5a_isum(bigint)')") is None
+    finally:
+        await connection.close()
