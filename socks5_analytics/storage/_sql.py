@@ -410,6 +410,9 @@ SELECT set_config('max_parallel_workers_per_gather', '0', true) IS NOT NULL
 """
 
 QUEUE_LENGTH = "SELECT count(*) FROM rollup_queue"
+# Outside a transaction. Without truncation: that would take an exclusive lock on the queue
+# (which every batch appends to) only to give back pages the next batches fill again.
+VACUUM_QUEUE = "VACUUM (SKIP_LOCKED, TRUNCATE false) rollup_queue"
 
 UPSERT_NODE = """
 INSERT INTO proxy_nodes AS n
