@@ -2,8 +2,9 @@
 
 Writes. `insert_batch` takes a batch of final events and interim reports and, in one
 transaction, stores the new events in `traffic_logs` (binary COPY into a session-local
-staging table, then `INSERT ... ON CONFLICT DO NOTHING`) and adds exactly those rows, and
-the interim growth, to the per-minute rollups.
+staging table, then a plain `INSERT` in a savepoint, or `INSERT ... ON CONFLICT DO NOTHING`
+when some of them are stored already) and adds exactly those rows, and the interim growth,
+to the per-minute rollups.
 
 Exactly-once. The idempotency key is the event's own `event_id` (with `started_at`, the
 partition key), not a batch id: a proxy node's spool may replay the same events in other
