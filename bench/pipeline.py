@@ -513,6 +513,11 @@ def _cpu(pid: int | None) -> float:
     return tree_cpu_seconds(pid) if pid else 0.0
 
 
+def _pipeline_cpu(collector: CollectorProcess, pg_pid: int | None) -> tuple[float, float]:
+    """CPU seconds so far of the collector's and PostgreSQL's process trees."""
+    return tree_cpu_seconds(collector.pid), _cpu(pg_pid)
+
+
 def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any]:
     rng = random.Random(4)
     samples: dict[str, list[float]] = {}
@@ -547,10 +552,10 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 (_cpu(pg_pid) - pg0) / sizes.raw_rows * 1e6)
                         else:
                             tag = f"tp{number}"
-                            cpu0 = (tree_cpu_seconds(collector.pid), _cpu(pg_pid))
+                            cpu0 = _pipeline_cpu(collector, pg_pid)
                             result = asyncio.run(throughput(collector.address, args.streams,
                                                             sizes.events, rng, tag))
-                            cpu1 = (tree_cpu_seconds(collector.pid), _cpu(pg_pid))
+                            cpu1 = _pipeline_cpu(collector, pg_pid)
                             add("pipeline", result["events_per_s"])
                             # CPU per event: the collector's is what its code costs, whatever
                             # else runs on the machine (the load generator's encoding is done
@@ -607,7 +612,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 pg_pid, collector.pid]
                             meter = pgdata.LoadMeter(pipeline)
                             rows0 = asyncio.run(count_rows(url, "%"))
-                            spent0 = (tree_cpu_seconds(collector.pid), _cpu(pg_pid))
+                            spent0 = _pipeline_cpu(collector, pg_pid)
                             try:
                                 made = conn_rate(name, modes[name], target, sizes.conn, number,
                                                  out, workroot / f"conn-{number}-{name}")
@@ -627,7 +632,7 @@ def run(args: argparse.Namespace, sizes: Sizes, workroot: Path) -> dict[str, Any
                                 per_event = per_event_us.setdefault(name, {})
                                 for who, before, after in zip(
                                         ("collector", "postgres"), spent0,
-                                        (tree_cpu_seconds(collector.pid), _cpu(pg_pid)),
+                                        _pipeline_cpu(collector, pg_pid),
                                         strict=True):
                                     per_event.setdefault(who, []).append(
                                         (after - before) / max(arrived, 1) * 1e6)
