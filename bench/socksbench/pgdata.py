@@ -164,14 +164,13 @@ def events(count: int, rng: random.Random, *, end: datetime | None = None,
 
 
 def records(batch: Sequence[StoredEvent]) -> list[tuple[Any, ...]]:
-    """The rows of `batch` for the raw COPY, built before the clock starts: traffic_logs'
-    column order, addresses as packed bytes (what asyncpg's own inet encoder, on the raw
-    connection, writes without parsing). The cheapest rows asyncpg can be given."""
-    return [
-        tuple(value.packed if column in ("source_ip", "dest_ip") and value is not None
-              else value for column, value in zip(EVENT_COLUMNS, event, strict=True))
-        for event in batch
-    ]
+    """The rows of `batch` as the repository hands them to COPY (traffic_logs' column order,
+    addresses as packed bytes, which asyncpg encodes fastest): the same records for both."""
+    try:
+        from socks5_analytics.storage.repository import _event_record
+    except ImportError:  # an older repository
+        return [tuple(getattr(event, column) for column in EVENT_COLUMNS) for event in batch]
+    return [_event_record(event) for event in batch]
 
 
 # -- the raw COPY baseline ---------------------------------------------------------------------

@@ -104,11 +104,20 @@ _ROLL_FORWARD_DELAY = 0.25
 _VACUUM_QUEUE_ROWS = 20_000
 
 
-# A `StoredEvent` is itself a COPY row: its fields are traffic_logs' columns in COPY order,
-# and the pool's inet codec (`codecs.py`) takes its address objects by their `.packed`. No
-# per-row tuple is built (0.7 µs an event, on the collector's and the insert's path).
-if StoredEvent._fields != _sql.EVENT_COLUMNS:  # pragma: no cover - a schema edit gone wrong
-    raise ImportError("StoredEvent's fields are not _sql.EVENT_COLUMNS, in order")
+def _event_record(e: StoredEvent) -> tuple[Any, ...]:
+    """A row for COPY, in `_sql.EVENT_COLUMNS` order, built as cheaply as asyncpg encodes it.
+
+    Addresses go as their packed bytes: the pool's inet codec (`codecs.py`) writes them as
+    they are, and asyncpg's own (a pool made elsewhere) takes them without parsing, where it
+    turns an address object back into text and parses that (about 4 µs an IPv4 address,
+    13 µs an IPv6 one).
+    """
+    dest_ip = e.dest_ip
+    return (e.event_id, e.node_id, e.started_at, e.ended_at, e.source_ip.packed,
+            e.source_port, e.user_name, e.command, e.protocol, e.dest_host, e.domain,
+            None if dest_ip is None else dest_ip.packed, e.dest_port, e.registered_domain,
+            e.status, e.reply_code, e.close_reason, e.connect_ms, e.ttfb_ms, e.duration_ms,
+            e.bytes_out, e.bytes_in, e.trace_id)
 
 
 _MINUTE = timedelta(minutes=1)
@@ -608,7 +617,7 @@ class Repository:
                             await connection.execute(_sql.CREATE_STAGE)
                             await connection.copy_records_to_table(
                                 _sql.STAGE_TABLE,
-                                records=good_events,
+                                records=map(_event_record, good_events),
                                 columns=_sql.EVENT_COLUMNS,
                             )
                             inserted = await self._insert_staged(connection)

@@ -269,23 +269,3 @@ async def test_the_queue_is_vacuumed_by_the_roll_forward(
     # One round's rows fit in the pages the previous rounds left (some slack for the free
     # space map's granularity); without the vacuum it would be six rounds' pages.
     assert sizes[-1] <= 2 * sizes[0], sizes
-
-
-async def test_rows_go_to_copy_as_they_are_through_any_pool(database_url: str) -> None:
-    """A StoredEvent is the COPY row itself (its fields are the columns, in order), so a pool
-    without the repository's inet codec (asyncpg's own) must store its addresses alike."""
-    from socks5_analytics.storage import StoredEvent, _sql
-
-    assert StoredEvent._fields == _sql.EVENT_COLUMNS
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
-    assert pool is not None
-    repo = Repository(pool)
-    try:
-        events = [make_event(source_ip=IPv6Address("2001:db8::7"), dest_ip=IPv6Address("::1")),
-                  make_event(dest_ip=None)]
-        assert (await repo.insert_batch(events=events, now=NOW)).inserted == 2
-        page = await repo.logs(flt=StatsFilter(since=NOW - timedelta(hours=1), until=NOW))
-        assert sorted(page.items, key=lambda e: str(e.event_id)) == sorted(
-            events, key=lambda e: str(e.event_id))
-    finally:
-        await repo.close()
