@@ -6,7 +6,7 @@ Usage: .venv/bin/python bench/pipeline.py [--runs N] [--conn-runs N] [--quick] [
 
 One throwaway embedded PostgreSQL (non-durable: fsync, synchronous_commit and
 full_page_writes off; track_commit_timestamp on) and one real collector process
-(`socks5-analytics collector`, default settings: batches of up to 5,000 events or 50 ms, 2
+(`socks5-analytics collector`, default settings: batches of up to 5,000 events or 200 ms, 2
 writers) for the whole run, all on loopback. Three parts (issue 4's targets in brackets):
 
 1. Throughput [>= 50,000 events/s, or >= half of raw COPY, whichever is lower]. Each run,

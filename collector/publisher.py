@@ -129,7 +129,7 @@ class Publisher:
         writer: BatchWriter,
         *,
         batch_max_events: int = 5000,
-        batch_max_delay: float = 0.05,
+        batch_max_delay: float = 0.2,
         queue_max_events: int = 50_000,
         workers: int = 2,
         retry_initial_backoff: float = 0.1,

@@ -314,7 +314,7 @@ class CollectorSettings(_Section):
     metrics_listen: OptionalAddress = ("127.0.0.1", 9102)
     # a database write is started at this many events, or `batch_max_delay` after the first
     batch_max_events: int = Field(default=5000, ge=1, le=1_000_000)
-    batch_max_delay: Seconds = 0.05
+    batch_max_delay: Seconds = 0.2
     # events received but not yet committed, all streams together; a full queue stops reading
     queue_max_events: int = Field(default=50_000, ge=1, le=10_000_000)
     # batches of one stream received but not yet answered; more: the stream stops reading
