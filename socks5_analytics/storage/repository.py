@@ -95,8 +95,8 @@ _ROLL_FORWARD_CHUNK = 200_000
 # began, or this many seconds after the first of fewer. Larger chunks upsert fewer rows per
 # event (keys repeat): at b = 1,000, rolling every commit cost 42-49 µs of PostgreSQL CPU
 # an event, every 10,000 rows 24-25 µs. Below that many, a second: at a few thousand events
-# a second a roll-forward every 0.25 s was mostly per-statement cost, and the queue readers
-# scan is no longer than at the row threshold either way.
+# a second a roll-forward every 0.25 s was mostly per-statement cost, and the queue that
+# readers scan is no longer than the row threshold either way.
 _ROLL_FORWARD_ROWS = 5_000
 _ROLL_FORWARD_DELAY = 1.0
 # The queue is a heap of short-lived rows, and every roll-forward and every reader scans it
