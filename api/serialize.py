@@ -52,6 +52,12 @@ def page(result: Page[T], item: Callable[[T], dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def _ms(value: float | None) -> float | None:
+    """A latency figure in ms to the microsecond: the float noise of a mean (0.31449999999999995)
+    is not information, and the same mean summed in another order reads the same."""
+    return None if value is None else round(value, 3)
+
+
 def domain_stat(stat: DomainStat) -> dict[str, Any]:
     """An item of /stats/top-domains."""
     return {
@@ -60,7 +66,7 @@ def domain_stat(stat: DomainStat) -> dict[str, Any]:
         "bytes_in": stat.bytes_in,
         "bytes_out": stat.bytes_out,
         "bytes_total": stat.bytes_total,
-        "avg_connect_ms": stat.avg_connect_ms,
+        "avg_connect_ms": _ms(stat.avg_connect_ms),
     }
 
 
@@ -98,11 +104,11 @@ def latency(stats: LatencyStats) -> dict[str, Any]:
     """The /stats/latency answer (histogram counts are per bucket, not cumulative)."""
     return {
         "count": stats.count,
-        "avg_ms": stats.avg_ms,
-        "p50_ms": stats.p50_ms,
-        "p95_ms": stats.p95_ms,
-        "p99_ms": stats.p99_ms,
-        "max_ms": stats.max_ms,
+        "avg_ms": _ms(stats.avg_ms),
+        "p50_ms": _ms(stats.p50_ms),
+        "p95_ms": _ms(stats.p95_ms),
+        "p99_ms": _ms(stats.p99_ms),
+        "max_ms": _ms(stats.max_ms),
         "histogram": [{"le_ms": _bound(bucket.le_ms), "count": bucket.count}
                       for bucket in stats.histogram],
     }

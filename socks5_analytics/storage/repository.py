@@ -1181,14 +1181,15 @@ class Repository:
         if cursor is not None:
             after_time, after_id = _decode_cursor(cursor)
             where.add("(started_at, event_id) < ({}, {})", after_time, after_id)
-        limit_p, offset_p = where.param(limit), where.param(offset)
+        # One row past the page says whether another page follows (no cursor on the last).
+        limit_p, offset_p = where.param(limit + 1), where.param(offset)
         query = (f"SELECT {', '.join(_sql.EVENT_COLUMNS)} FROM traffic_logs "
                  f"WHERE {where.sql} ORDER BY started_at DESC, event_id DESC "
                  f"LIMIT {limit_p} OFFSET {offset_p}")
         rows = await self._fetch(query, where.args)
-        items = tuple(_event_from_row(row) for row in rows)
+        items = tuple(_event_from_row(row) for row in rows[:limit])
         next_cursor = None
-        if len(items) == limit and items:
+        if len(rows) > limit and items:
             next_cursor = _encode_cursor(items[-1].started_at, items[-1].event_id)
         total = await self.count_events(flt=flt) if with_total else -1
         return LogPage(items=items, total=total, limit=limit, offset=offset,

@@ -162,7 +162,7 @@ class Traffic:
                 "bytes_in": sum(m.bytes_in for m in members),
                 "bytes_out": sum(m.bytes_out for m in members),
                 "bytes_total": sum(m.bytes_in + m.bytes_out for m in members),
-                "avg_connect_ms": sum(latencies) / len(latencies) if latencies else None,
+                "avg_connect_ms": round(sum(latencies) / len(latencies), 3) if latencies else None,
                 "users": len({m.user_name for m in members if m.user_name}),
                 "source_ips": len({m.source_ip for m in members}),
             })

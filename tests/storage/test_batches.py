@@ -216,6 +216,28 @@ async def test_logs_pages_by_cursor_and_offset(repo: Repository) -> None:
     assert (filtered.items, filtered.total) == ((), 0)
 
 
+@pytest.mark.parametrize(("limit", "offset", "pages_with_cursor"), [
+    (5, 0, 4),    # 25 rows in 5 full pages: the fifth, full as it is, is the last
+    (25, 0, 0),   # one page holds them all
+    (24, 0, 1),   # one row left for a second page
+    (5, 20, 0),   # the last 5 by offset
+    (5, 19, 1),
+])
+async def test_logs_last_page_has_no_cursor(repo: Repository, limit: int, offset: int,
+                                            pages_with_cursor: int) -> None:
+    """`next_cursor` is null on the last page, also when that page is exactly full."""
+    events = [make_event(started_at=NOW - timedelta(minutes=n, seconds=30)) for n in range(25)]
+    await repo.insert_batch(events=events, now=NOW)
+    flt = StatsFilter(since=NOW - timedelta(hours=1), until=NOW)
+    page = await repo.logs(flt=flt, limit=limit, offset=offset)
+    cursors = 0
+    while page.next_cursor is not None:
+        cursors += 1
+        page = await repo.logs(flt=flt, limit=limit, cursor=page.next_cursor)
+        assert page.items, "a cursor led to an empty page"
+    assert cursors == pages_with_cursor
+
+
 async def test_checked_rows_skip_the_row_checks_but_not_the_limits(
         repo: Repository, db: asyncpg.Connection) -> None:
     """`checked=True` (the collector's normalized rows) skips the row checks, so a row the
