@@ -174,6 +174,12 @@ def create_app(
         # compare_digest: the time taken does not tell how much of a guess was right.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  expected):
+            if (route is not None and getattr(route.ctx, "page", False)
+                    and "text/html" in request.headers.get("accept", "")):
+                # A browser cannot send the header when it opens a page: it gets the 401
+                # with the page (which holds no data), and the page asks for the token.
+                request.ctx.unauthorized = True
+                return
             raise UnauthorizedError("this route needs `Authorization: Bearer <token>`")
 
     async def count(request: Request, response: BaseHTTPResponse) -> None:

@@ -1,8 +1,10 @@
 """The dashboard and the API reference page: static files of this package, no network needed.
 
 Only the files present at startup are served, by name, so no path a client sends can reach
-outside the folder. The pages hold no data: they are public, and fetch everything from the
-API with the token the user gives them, so they are as protected as the API itself.
+outside the folder. The pages hold no data and fetch everything from the API with the token
+the user gives them. With a token configured, `/dashboard` is a 401 without it, as every
+data route: a browser (which cannot send the header when it opens a page) gets the page with
+its 401, and the page asks for the token. Its files under `/static/` and `/docs` are public.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ def blueprint(settings: ApiSettings) -> Blueprint:
     bp = Blueprint("dashboard")
     files = _load(STATIC)
 
-    def serve(name: str) -> HTTPResponse:
+    def serve(name: str, *, status: int = 200,
+              headers: dict[str, str] | None = None) -> HTTPResponse:
         try:
             body, kind = files[name]
         except KeyError:
             raise NotFound(f"no such file: {name}") from None
-        return raw(body, content_type=kind,
-                   headers={**_SECURITY, "Cache-Control": "no-cache"})
+        return raw(body, status=status, content_type=kind,
+                   headers={**_SECURITY, "Cache-Control": "no-cache", **(headers or {})})
 
     @bp.get("/", name="root", ctx_public=True)
     @openapi.exclude()
@@ -64,12 +67,19 @@ def blueprint(settings: ApiSettings) -> Blueprint:
         query(request, "none")
         return redirect("/dashboard")
 
-    @bp.get("/dashboard", name="dashboard", ctx_public=True)
-    @describe(route="none", response="html", tag="dashboard", secured=False, errors=(400,),
+    secured = settings.token is not None
+
+    @bp.get("/dashboard", name="dashboard", ctx_page=True)
+    @describe(route="none", response="html", tag="dashboard", secured=secured,
+              errors=(400, 401) if secured else (400,),
               summary="The dashboard (HTML)",
-              description="Charts of the stats routes; asks for the token when one is set.")
+              description="Charts of the stats routes. When a token is set, a request without "
+              "it is a 401; a browser's (`Accept: text/html`) gets the page with the 401, and "
+              "the page asks for the token.")
     async def dashboard(request: Request) -> HTTPResponse:
         query(request, "none")
+        if getattr(request.ctx, "unauthorized", False):
+            return serve("dashboard.html", status=401, headers={"WWW-Authenticate": "Bearer"})
         return serve("dashboard.html")
 
     @bp.get("/static/<name:path>", name="static", ctx_public=True)

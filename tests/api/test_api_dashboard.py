@@ -144,7 +144,12 @@ def test_dashboard_draws_the_api_data(api: RunningApi, browser: Any) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    assert problems == []
+    # The page itself comes with the route's 401 (a browser cannot send the token when it
+    # opens a page); nothing else may fail.
+    page_401 = [entry for entry in problems if entry["message"].startswith(
+        f"{api.url}/dashboard#token=") and "status of 401" in entry["message"]]
+    assert len(page_401) == 1
+    assert [entry for entry in problems if entry not in page_401] == []
 
 
 def test_dashboard_asks_for_a_token(api: RunningApi, browser: Any) -> None:

@@ -105,7 +105,7 @@ def test_request_too_large(client: httpx.Client) -> None:
 
 
 ROUTES = ["/stats/top-domains", "/stats/source-ips", "/stats/users", "/stats/traffic",
-          "/stats/latency", "/stats/statuses", "/logs", "/nodes", "/openapi.json"]
+          "/stats/latency", "/stats/statuses", "/logs", "/nodes", "/openapi.json", "/dashboard"]
 
 
 @pytest.mark.parametrize("path", ROUTES)
@@ -126,10 +126,35 @@ def test_token_is_accepted(secured: httpx.Client, path: str) -> None:
         assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/dashboard", "/docs",
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/docs",
                                   "/static/dashboard.js"])
 def test_public_routes_need_no_token(secured: httpx.Client, path: str) -> None:
     assert secured.get(path).status_code == 200
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-of-the-tests"])
+def test_a_browser_without_the_token_gets_the_dashboard_with_its_401(
+        secured: httpx.Client, header: str | None) -> None:
+    """The page holds no data and asks for the token; a browser cannot send the header when
+    it opens a page, so it gets the page, with the 401 that the route answers."""
+    headers = {"Accept": BROWSER_ACCEPT, **({"Authorization": header} if header else {})}
+    response = secured.get("/dashboard", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"].startswith("text/html")
+    assert 'id="token-dialog"' in response.text
+    with_token = secured.get("/dashboard", headers={"Accept": BROWSER_ACCEPT,
+                                                    "Authorization": f"Bearer {TOKEN}"})
+    assert with_token.status_code == 200 and with_token.text == response.text
+
+
+def test_only_the_dashboard_answers_a_browser_with_a_page(secured: httpx.Client) -> None:
+    response = secured.get("/stats/statuses", headers={"Accept": BROWSER_ACCEPT})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
 
 
 def test_bad_input_is_checked_after_the_token(secured: httpx.Client) -> None:
