@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from collector.publisher import Publisher
 from collector.server import CollectorServer, ServerOptions
 from collector.servicer import IngestServicer, StreamLimits
 from socks5_analytics import __version__, runtime
-from socks5_analytics.config import Settings, format_address
+from socks5_analytics.config import ConfigError, Settings, TlsServerSettings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.storage import Repository, StorageError, TransientError
 from socks5_analytics.telemetry import serve_metrics, setup_tracing, stop_metrics
@@ -82,6 +83,33 @@ def build_server(settings: Settings, repository: Repository, *,
     return CollectorServer(servicer, publisher, options=options)
 
 
+def check_tls_files(tls: TlsServerSettings) -> None:
+    """Raise ConfigError, naming the key, unless the certificate, its key and the client CA
+    bundle can be read and used (gRPC would only say that it could not bind)."""
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, name)
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"invalid configuration: collector.tls.{name}: cannot read "
+                              f"{path}: {exc.strerror}") from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            "invalid configuration: collector.tls.cert_file, collector.tls.key_file: not a "
+            f"PEM certificate and its private key ({exc})") from exc
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.client_ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError("invalid configuration: collector.tls.client_ca_file: not a PEM "
+                              f"bundle of CA certificates ({exc})") from exc
+
+
 @contextlib.asynccontextmanager
 async def _database_url(settings: Settings) -> AsyncIterator[str]:
     database = settings.database
@@ -118,6 +146,8 @@ async def _open_repository(settings: Settings, url: str, stop: asyncio.Event) ->
 
 async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
     """Run the collector until `stop` is set; returns the exit status."""
+    if settings.collector.tls.enabled:
+        check_tls_files(settings.collector.tls)  # before waiting for a database
     async with _database_url(settings) as url:
         try:
             repository = await _open_repository(settings, url, stop)

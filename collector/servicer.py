@@ -136,10 +136,38 @@ def _hello(request: ingest.IngestRequest, now: datetime) -> _Node:
                  hello.policy_version)
 
 
+# A node's channel takes answers of up to 4 MiB (gRPC's default); a Rejection must fit in
+# one, or the node could never get its batch answered and would resend it forever.
+RESPONSE_BUDGET = 4 * 1024 * 1024 - 64 * 1024
+# What an InvalidItem costs besides its reason: the index, the flag, a 16-byte event id and
+# the field tags and lengths.
+_ITEM_OVERHEAD = 40
+_REASON_MIN, _REASON_MAX = 24, 1024
+
+
+def reason_limit(invalid_items: int, budget: int = RESPONSE_BUDGET) -> int:
+    """The bytes of reason each of `invalid_items` may keep so that their Rejection fits in
+    `budget`: all of a reason (up to 1 KiB) for a few items, less for many (never under 24:
+    the field it names comes first)."""
+    if invalid_items <= 0:
+        return _REASON_MAX
+    share = budget // invalid_items - _ITEM_OVERHEAD
+    return max(_REASON_MIN, min(_REASON_MAX, share))
+
+
+def shorten(reason: str, limit: int) -> str:
+    """`reason` cut to at most `limit` UTF-8 bytes, marked with "…" when cut."""
+    encoded = reason.encode()
+    if len(encoded) <= limit:
+        return reason
+    return encoded[:limit - 3].decode(errors="ignore") + "…"
+
+
 def _response(sequence: int, batch: NormalizedBatch, outcome: Outcome) -> bytes:
+    limit = reason_limit(len(batch.invalid) + len(outcome.rejected))
     invalid = [
         ingest.InvalidItem(index=item.index, interim=item.interim, event_id=item.event_id,
-                           reason=item.reason)
+                           reason=shorten(item.reason, limit))
         for item in batch.invalid
     ]
     if outcome.rejected:
@@ -157,7 +185,7 @@ def _response(sequence: int, batch: NormalizedBatch, outcome: Outcome) -> bytes:
                 index=positions.get((rejected.kind, rejected.event_id), 0),
                 interim=rejected.kind == "interim",
                 event_id=rejected.event_id.bytes,
-                reason=rejected.reason,
+                reason=shorten(rejected.reason, limit),
             ))
     if invalid:
         response = ingest.IngestResponse(rejection=ingest.Rejection(

@@ -240,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     follow_stack_parent()
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
-    return handler(args, settings)
+    try:
+        return handler(args, settings)
+    except ConfigError as exc:  # found when a component starts (a file it cannot use)
+        print(f"socks5-analytics {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 __all__ = [
     "Address",
@@ -150,7 +151,8 @@ class EventSinkSettings(_Section):
     path: Path = Path("var/events.jsonl")
     buffer_events: int = Field(default=100_000, ge=1, le=10_000_000)
     flush_interval: Seconds = 0.2
-    batch_max_events: int = Field(default=500, ge=1, le=100_000)
+    # at most the collector's default `max_batch_items`: a larger batch would be refused
+    batch_max_events: int = Field(default=500, ge=1, le=10_000)
     max_inflight_batches: int = Field(default=8, ge=1, le=1024)
     spool_dir: Path = Path("var/spool")
     spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
@@ -254,6 +256,41 @@ class ProxySettings(_Section):
     events: EventSinkSettings = EventSinkSettings()
 
 
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError (never quoting the URL: it may hold a password) unless `url` is a
+    PostgreSQL URL asyncpg can use: postgresql:// or postgres://, each host's port a number
+    1-65535 (several hosts, comma-separated, are allowed), a known sslmode."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError("expected a URL postgresql://user:password@host:port/dbname")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    hosts = netloc.rpartition("@")[2]
+    for host in hosts.split(",") if hosts else ():
+        if host.startswith("["):
+            address, bracket, after = host[1:].partition("]")
+            if not bracket:
+                raise ValueError(f"host {host!r}: an IPv6 address needs its closing ']'")
+            try:
+                ipaddress.IPv6Address(address)
+            except ValueError:
+                raise ValueError(f"host {host!r}: not an IPv6 address") from None
+            if after and not after.startswith(":"):
+                raise ValueError(f"host {host!r}: expected ':port' after ']'")
+            port = after[1:]
+        else:
+            port = host.rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"port {port!r} is not a number 1-65535")
+    query = rest.partition("?")[2]
+    for pair in query.split("&") if query else ():
+        name, _, mode = pair.partition("=")
+        if name == "sslmode" and mode not in _SSL_MODES:
+            raise ValueError(f"sslmode {mode!r} is not one of {', '.join(_SSL_MODES)}")
+
+
 class DatabaseSettings(_Section):
     """PostgreSQL: where it is, the connection pool, partitions and retention."""
 
@@ -272,6 +309,13 @@ class DatabaseSettings(_Section):
     embedded_data_dir: Path | None = None
     # PostgreSQL binaries for the embedded server; none: the pgserver wheel, then the system's
     embedded_bin_dir: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_database_url(value)
+        return value
 
     @model_validator(mode="after")
     def _pool_sizes(self) -> DatabaseSettings:
@@ -323,8 +367,10 @@ class CollectorSettings(_Section):
     workers: int = Field(default=2, ge=1, le=64)
     # the largest gRPC message accepted (bytes); larger: RESOURCE_EXHAUSTED
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
-    # the most events plus interim reports in one Batch; more: RESOURCE_EXHAUSTED
-    max_batch_items: int = Field(default=10_000, ge=1, le=1_000_000)
+    # the most events plus interim reports in one Batch; more: RESOURCE_EXHAUSTED. At most
+    # 60,000: the Rejection of a batch whose every item is invalid (at least 64 bytes an item)
+    # must fit in the 4 MiB that a node's channel takes.
+    max_batch_items: int = Field(default=10_000, ge=1, le=60_000)
     # seconds a new stream has to send its Hello; later: DEADLINE_EXCEEDED
     hello_timeout: Seconds = 10.0
     # seconds between writes of the nodes' heartbeats (the latest per node) to proxy_nodes
@@ -384,6 +430,36 @@ _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the
+    last one without a word, so a typo'd override would silently win or lose)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping says so below
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found the key {key!r} twice", key_node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as yaml.safe_load reads it, but a key given twice in a mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 class _YamlFileSource(PydanticBaseSettingsSource):
     """The `--config` YAML file, read once; its syntax errors name the line."""
 
@@ -399,13 +475,50 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if data is None:
             return {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return data
+
+
+class _MappingSections(PydanticBaseSettingsSource):
+    """Another source, whose sections (`proxy:`, `S5A_PROXY=…`) must be mappings.
+
+    Sources are merged key by key, so a section that is not a mapping (`proxy: 5`) would be
+    dropped without a word whenever another source sets a key in it; this says so first.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource,
+                 origin: str) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+        self.origin = origin
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = self.inner()
+        except SettingsError as exc:
+            # pydantic-settings names the field only in its message text.
+            field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "a section"
+            raise ConfigError(
+                f"invalid configuration: {field}: {self.origin} S5A_{field.upper()} is not "
+                f"a JSON object; set its keys one by one (S5A_{field.upper()}__KEY=value)"
+            ) from exc
+        for name, value in data.items():
+            annotation = self.settings_cls.model_fields[name].annotation \
+                if name in self.settings_cls.model_fields else None
+            if (isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                    and not isinstance(value, dict)):
+                raise ConfigError(
+                    f"invalid configuration: {name}: expected a mapping of keys in "
+                    f"{self.origin}, got {value!r}")
         return data
 
 
@@ -440,7 +553,19 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, dotenv_settings, _YamlFileSource(settings_cls))
+        return (init_settings,
+                _MappingSections(settings_cls, env_settings, "the environment"),
+                _MappingSections(settings_cls, dotenv_settings, "the .env file"),
+                _MappingSections(settings_cls, _YamlFileSource(settings_cls), "the config file"))
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its user info, if any, as `***` (errors get logged)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, tail = rest.partition("@")
+    if not at or ":" not in userinfo.split("/", 1)[0]:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{tail}"
 
 
 def _describe(error: Any) -> str:
@@ -449,6 +574,8 @@ def _describe(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     given = error.get("input")
+    if isinstance(given, str) and "://" in given:
+        given = _without_password(given)
     if error["type"] != "extra_forbidden" and not isinstance(given, (dict, list)):
         return f"{key}: {message} (got {given!r})"
     return f"{key}: {message}"

@@ -21,6 +21,7 @@ from ingest_client import (
 )
 
 from collector.server import CollectorServer
+from collector.servicer import reason_limit, shorten
 from socks5_analytics.stubs.traffic.v1 import event_pb2 as pb
 from socks5_analytics.stubs.traffic.v1 import ingest_pb2 as ingest
 from socks5_analytics.stubs.traffic.v1.ingest_pb2_grpc import IngestServiceStub
@@ -87,6 +88,38 @@ async def test_rejection_lists_the_invalid_and_stores_the_rest(
     ]
     assert await _count(db, [e.event_id for e in good]) == 2
     # The stream goes on after a rejection.
+    assert (await session.deliver(2, [make_event()])).ack.inserted == 1
+    await session.finish()
+
+
+def _bad_in_every_way() -> pb.ConnectionEvent:
+    """An event of 150 bytes whose reason runs to 418: 13 fields wrong."""
+    return make_event(started_at=None, source_ip=b"\x01\x02\x03", source_port=99_999,
+                      command=pb.COMMAND_UNSPECIFIED, protocol=pb.PROTOCOL_UNSPECIFIED,
+                      dest_ip=b"\x01", dest_port=99_999, status=pb.STATUS_UNSPECIFIED,
+                      reply_code=99_999, close_reason=pb.CLOSE_REASON_UNSPECIFIED,
+                      connect_ms=-1.0, ttfb_ms=-1.0, duration_ms=float("nan"))
+
+
+async def test_a_batch_of_invalid_items_is_answered_within_the_nodes_limit(
+    channel: grpc.aio.Channel, db: asyncpg.Connection
+) -> None:
+    """10,000 items (the limit), all but 10 invalid in many ways: the Rejection still fits in
+    the 4 MiB a node's channel takes, lists every invalid item, and the good ones are stored
+    once."""
+    good = [make_event() for _ in range(10)]
+    bad = [_bad_in_every_way() for _ in range(9_990)]
+    session = await open_session(channel)
+    response = await session.deliver(1, [*good, *bad])
+    assert response.WhichOneof("kind") == "rejection"
+    rejection = response.rejection
+    assert rejection.ByteSize() < 4 * 1024 * 1024
+    assert (rejection.inserted, rejection.duplicates) == (10, 0)
+    assert [item.index for item in rejection.invalid] == list(range(10, 10_000))
+    reasons = [item.reason for item in rejection.invalid]
+    assert all(reason.endswith("…") for reason in reasons)  # shortened, as they must be here
+    assert all(reason.startswith("started_at: missing; source_ip: 3 bytes") for reason in reasons)
+    assert await _count(db, [e.event_id for e in good]) == 10
     assert (await session.deliver(2, [make_event()])).ack.inserted == 1
     await session.finish()
 
@@ -266,3 +299,26 @@ def test_ingest_response_kinds_are_the_contract() -> None:
 
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(("items", "budget", "limit"), [
+    (0, 4_000_000, 1024),          # nothing to shorten
+    (1, 4_000_000, 1024),          # at most 1 KiB however much room
+    (10_000, 4_000_000, 360),      # 400 bytes an item, less the item's own fields
+    (60_000, 4_000_000, 26),
+    (1_000_000, 4_000_000, 24),    # never under 24 bytes: the field comes first
+])
+def test_reason_limit(items: int, budget: int, limit: int) -> None:
+    assert reason_limit(items, budget) == limit
+
+
+@pytest.mark.parametrize(("reason", "limit", "shortened"), [
+    ("status: unspecified", 100, "status: unspecified"),
+    ("status: unspecified", 19, "status: unspecified"),
+    ("status: unspecified", 10, "status:…"),
+    ("user: 'é' " * 3, 12, "user: 'é…"),
+    ("user: 'é' " * 3, 11, "user: '…"),  # never half of a UTF-8 character
+])
+def test_shorten(reason: str, limit: int, shortened: str) -> None:
+    assert shorten(reason, limit) == shortened
+    assert len(shorten(reason, limit).encode()) <= limit

@@ -18,9 +18,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from collector.main import check_tls_files
 from proxy_node.events import ConnectionEvent, ConnectionRecord
 from proxy_node.exporter import GrpcExporter, NodeIdentity
-from socks5_analytics.config import EventSinkSettings
+from socks5_analytics.config import ConfigError, EventSinkSettings, TlsServerSettings
 from socks5_analytics.logs import get_logger
 
 TOKEN = "a-shared-secret-of-some-length"
@@ -130,3 +131,27 @@ async def test_mutual_tls(start_collector: Callable[..., Any], database_url: str
     await _deliver(_exporter(tmp_path / "c", port), 3, database_url, expect=False)
     good = {**trust, "cert_file": pki / "client.crt", "key_file": pki / "client.key"}
     await _deliver(_exporter(tmp_path / "d", port, tls=good), 3, database_url, expect=True)
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"cert_file": "missing.crt", "key_file": "collector.key"},
+     r"collector\.tls\.cert_file: cannot read .*missing\.crt: No such file"),
+    ({"cert_file": "junk.pem", "key_file": "junk.pem"},
+     r"collector\.tls\.cert_file, collector\.tls\.key_file: not a PEM certificate"),
+    ({"cert_file": "collector.crt", "key_file": "client.key"},
+     r"not a PEM certificate and its private key"),  # a key of another certificate
+    ({"cert_file": "collector.crt", "key_file": "collector.key", "client_ca_file": "junk.pem"},
+     r"collector\.tls\.client_ca_file: not a PEM bundle"),
+])
+def test_unusable_tls_files_name_the_key(pki: Path, files: dict[str, str],
+                                         message: str) -> None:
+    (pki / "junk.pem").write_text("junk\n")
+    tls = TlsServerSettings(enabled=True, **{key: pki / name for key, name in files.items()})
+    with pytest.raises(ConfigError, match=message):
+        check_tls_files(tls)
+
+
+def test_usable_tls_files_pass(pki: Path) -> None:
+    check_tls_files(TlsServerSettings(enabled=True, cert_file=pki / "collector.crt",
+                                      key_file=pki / "collector.key",
+                                      client_ca_file=pki / "ca.crt"))

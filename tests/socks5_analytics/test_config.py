@@ -474,3 +474,94 @@ def test_unknown_environment_section_is_an_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("S5A_PROXYY__LISTEN", "0.0.0.0:1080")
     with pytest.raises(ConfigError, match="S5A_PROXYY__LISTEN: unknown environment variable"):
         load_settings(None)
+
+
+# --------------------------------------------------------------------------------------
+# Sections, duplicate keys, database URLs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["proxy: 5\n", "proxy: hello\n", "proxy: [1, 2]\n",
+                                  "proxy: false\n"])
+def test_a_section_that_is_not_a_mapping_is_refused_even_with_an_override(
+        tmp_path: Path, text: str) -> None:
+    """Sources merge key by key: `--listen` used to replace `proxy: 5` without a word."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"proxy: expected a mapping of keys in the config"):
+        load_settings(config_file=path, proxy={"listen": "127.0.0.1:0"})
+
+
+@pytest.mark.parametrize(("value", "detail"), [
+    ("5", "expected a mapping of keys in the environment, got 5"),
+    ("garbage", "S5A_PROXY is not a JSON object; set its keys one by one"),
+    ("[1]", "expected a mapping of keys in the environment, got [1]"),
+])
+def test_a_section_variable_must_be_a_json_object(
+        monkeypatch: pytest.MonkeyPatch, value: str, detail: str) -> None:
+    monkeypatch.setenv("S5A_PROXY", value)
+    with pytest.raises(ConfigError, match=rf"proxy: .*{detail}".replace("[", r"\[")
+                       .replace("]", r"\]")):
+        load_settings(proxy={"listen": "127.0.0.1:0"})
+
+
+def test_a_section_variable_may_be_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S5A_PROXY", '{"workers": 3}')
+    assert load_settings().proxy.workers == 3
+
+
+def test_a_section_in_the_dotenv_file_must_be_a_mapping(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "S5A_COLLECTOR=garbage\n", name=".env")
+    with pytest.raises(ConfigError, match=r"collector: the \.env file S5A_COLLECTOR is not"):
+        load_settings()
+
+
+@pytest.mark.parametrize("text", [
+    "proxy:\n  listen: '127.0.0.1:99999'\n  listen: '127.0.0.1:0'\n",
+    "log:\n  level: info\nlog:\n  level: debug\n",
+])
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match=r"found the key '(listen|log)' twice"):
+        load_settings(config_file=_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("url", "detail"), [
+    ("notaurl", "expected a URL postgresql://"),
+    ("mysql://u@127.0.0.1/db", "expected a URL postgresql://"),
+    ("postgresql://u@127.0.0.1:notaport/db", "port 'notaport' is not a number 1-65535"),
+    ("postgresql://u@127.0.0.1:99999/db", "port '99999' is not a number 1-65535"),
+    ("postgresql://u@127.0.0.1:0/db", "port '0' is not a number 1-65535"),
+    ("postgresql://u@[::1/db", "needs its closing ']'"),
+    ("postgresql://u@[nope]:5432/db", "not an IPv6 address"),
+    ("postgresql://u@[::1]x/db", "expected ':port' after ']'"),
+    ("postgresql://u@h1:5432,h2:x/db", "port 'x' is not a number"),
+    ("postgresql://u@127.0.0.1/db?sslmode=bogus", "sslmode 'bogus' is not one of"),
+])
+def test_a_bad_database_url_names_the_key(monkeypatch: pytest.MonkeyPatch, url: str,
+                                          detail: str) -> None:
+    monkeypatch.setenv("S5A_DATABASE__URL", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "database.url: " in str(info.value) and detail in str(info.value)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p@127.0.0.1:5432/db",
+    "postgres://u@localhost/db",
+    "postgresql://u@[::1]:5432/db?sslmode=require",
+    "postgresql://u@h1:5432,h2:5433/db",
+    "postgresql:///db?host=/var/run/postgresql",
+    "postgresql://u@host/db?application_name=x&sslmode=verify-full",
+])
+def test_good_database_urls_pass(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("S5A_DATABASE__URL", url)
+    assert load_settings().database.url == url
+
+
+def test_a_bad_database_url_does_not_show_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S5A_DATABASE__URL", "postgresql://app:hunter2@db:notaport/x")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "hunter2" not in str(info.value)
+    assert "postgresql://app:***@db:notaport/x" in str(info.value)
