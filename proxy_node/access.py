@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy_node.policy import DestinationRule, Policy
+from socks5_analytics.policy import DestinationRule, Policy
 
 __all__ = [
     "PRIVATE_NETWORKS",

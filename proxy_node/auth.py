@@ -15,9 +15,9 @@ import os
 from collections.abc import Iterable
 from typing import Protocol
 
-from proxy_node.policy import Policy, UserEntry
 from proxy_node.wire import AuthMethod
 from socks5_analytics.passwords import hash_password, verify_password
+from socks5_analytics.policy import Policy, UserEntry
 
 __all__ = ["Authenticator", "PolicyAuthenticator", "choose_method"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from proxy_node.access import AccessRules, compile_rules
 from proxy_node.errors import ConnectionNotAllowed
 from proxy_node.limits import AuthThrottle, BandwidthLimiter, ConnectionLimiter, TokenBucket
-from proxy_node.policy import Policy, UserEntry
 from proxy_node.resolver import SockAddr
+from socks5_analytics.policy import Policy, UserEntry
 
 __all__ = ["Admission", "Gatekeeper"]
 

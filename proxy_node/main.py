@@ -22,7 +22,6 @@ from typing import Any
 from proxy_node.auth import PolicyAuthenticator
 from proxy_node.exporter import GrpcExporter, NodeIdentity, new_boot_id
 from proxy_node.gatekeeper import Gatekeeper
-from proxy_node.policy import Policy, PolicyError, load_policy
 from proxy_node.reload import PolicyWatcher
 from proxy_node.resolver import CachingResolver
 from proxy_node.secret_watch import SecretWatch
@@ -31,6 +30,7 @@ from proxy_node.sink import EventSink, JsonLinesSink, NullSink
 from socks5_analytics import __version__, runtime
 from socks5_analytics.config import Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
+from socks5_analytics.policy import Policy, PolicyError, load_policy
 from socks5_analytics.telemetry import serve_metrics, setup_tracing, stop_metrics
 
 __all__ = ["run"]

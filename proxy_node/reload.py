@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy_node.policy import Policy, PolicyError, parse_policy
+from socks5_analytics.policy import Policy, PolicyError, parse_policy
 
 __all__ = ["PolicyWatcher"]
 

@@ -15,6 +15,7 @@ import yaml
 from socks5_analytics import runtime
 from socks5_analytics.config import ConfigError, Settings
 from socks5_analytics.logs import configure_logging, get_logger
+from socks5_analytics.policy import PolicyError, parse_policy
 from socks5_operator.handlers import Login, build_registry, default_login
 from socks5_operator.kube import KubeClient
 from socks5_operator.reconcile import NodesSource, Reconciler, ReconcilerOptions
@@ -50,6 +51,12 @@ def _base(path: Path | None) -> Mapping[str, Any]:
     if not isinstance(data, dict) or set(data) - BASE_KEYS:
         raise ConfigError(f"operator.base_policy_file: {path} may hold only "
                           f"{sorted(BASE_KEYS)}; users and whitelist come from the resources")
+    # Checked as the proxies will check it (the policy document is the contract): a base
+    # they refuse would give every resource Ready=True and no proxy a loadable policy.
+    try:
+        parse_policy(yaml.safe_dump(data), source=f"operator.base_policy_file: {path}")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from exc
     return data
 
 

@@ -36,9 +36,9 @@ from deploy_facts import (
     under_writable_mount,
 )
 
-from proxy_node.policy import parse_policy
 from socks5_analytics.config import Settings
 from socks5_analytics.passwords import verify_password
+from socks5_analytics.policy import parse_policy
 
 SERVICES: dict[str, Any] = compose()["services"]
 OURS = sorted(name for name, service in SERVICES.items() if dockerfile_of(service))

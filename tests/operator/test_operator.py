@@ -8,8 +8,8 @@ from typing import Any
 
 from operator_harness import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
 
-from proxy_node.policy import parse_policy
 from socks5_analytics.passwords import verify_password
+from socks5_analytics.policy import parse_policy
 
 
 def _users(text: str | None) -> dict[str, Any]:

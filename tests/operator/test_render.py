@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy_node.policy import parse_policy
 from socks5_analytics.passwords import hash_password
+from socks5_analytics.policy import parse_policy
 from socks5_operator.render import (
     PLACEHOLDER_USER,
     Outcome,

@@ -15,8 +15,8 @@ import pytest
 from proxy_node.access import AccessRules, compile_rules, is_private
 from proxy_node.errors import ConnectionNotAllowed
 from proxy_node.gatekeeper import Admission, Gatekeeper
-from proxy_node.policy import Policy
 from socks5_analytics.passwords import hash_password
+from socks5_analytics.policy import Policy
 
 
 def rules_of(**doc: Any) -> AccessRules:

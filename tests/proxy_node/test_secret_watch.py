@@ -23,11 +23,11 @@ import pytest
 import yaml
 from proxy_harness import ProxyProcess, poll
 
-from proxy_node.policy import Policy, parse_policy
 from proxy_node.reload import PolicyWatcher
 from proxy_node.secret_watch import SecretWatch
 from socks5_analytics.config import PolicySecretSettings
 from socks5_analytics.passwords import hash_password
+from socks5_analytics.policy import Policy, parse_policy
 
 NS = "proxies"
 NAME = "socks5-analytics-policy"

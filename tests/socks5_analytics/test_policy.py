@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy_node.policy import Policy, PolicyError, load_policy, parse_policy
 from proxy_node.reload import PolicyWatcher
 from socks5_analytics.passwords import hash_password
+from socks5_analytics.policy import Policy, PolicyError, load_policy, parse_policy
 
 HASH = hash_password("pw", n=2**4)
 
