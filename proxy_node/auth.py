@@ -79,9 +79,10 @@ class PolicyAuthenticator:
         return self._users.get(username.encode())
 
     def recognized(self, username: bytes, password: bytes) -> bool | None:
-        """The answer without hashing, when this user's password was verified before: a
-        scrypt hash has one password, so the remembered one decides (constant time).
-        None: it must be hashed (first use, or an unknown user, who costs a decoy hash)."""
+        """The answer without hashing, when this is the password verified before for this
+        user's hash (compared in constant time). None: it must be hashed. That includes
+        every wrong password: answered at once, it would tell a user who logged in before
+        from an unknown one (who costs a decoy hash), so it costs a hash like theirs."""
         user = self._users.get(username)
         if user is None:
             return None
@@ -89,7 +90,9 @@ class PolicyAuthenticator:
         if remembered is None:
             return None
         tag = hmac.new(self._secret, password, hashlib.sha256).digest()
-        return hmac.compare_digest(remembered, tag) and not user.disabled
+        if not hmac.compare_digest(remembered, tag):
+            return None
+        return not user.disabled
 
     def verification(self, username: bytes, password: bytes) -> tuple[asyncio.Future[bool], bool]:
         """The slow check, shared by concurrent logins with the same credentials: (the

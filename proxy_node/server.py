@@ -167,8 +167,10 @@ class ProxyServer:
         now = time.monotonic()
         if now - self._last_refusal_log >= 10:
             self._last_refusal_log = now
+            # The cap in force: the lower of the config's and the policy's.
             self.log.warning("connection refused: at max_connections",
-                             max_connections=self.settings.max_connections,
+                             max_connections=min(self.settings.max_connections,
+                                                 self.rules.max_connections),
                              refused_total=self.refused_over_capacity)
 
     def _pause_accepting(self, exc: OSError) -> None:
