@@ -258,9 +258,22 @@ def test_notes_tell_what_to_run_next(rendered: tuple[str, dict[str, str]]) -> No
     {"proxy": {"resources": {"requests": {"cpu": "lots"}}}},
     {"config": {"proxxy": {}}},
     {"proxy": {"policySecretWatch": {"enabled": "yes"}}},
+    {"policy": {"limits": {"max_connections": -3}}},
+    {"policy": {"limits": {"connections_per_second_per_ip": -1}}},
+    {"policy": {"limits": {"max_conections": 5}}},
+    {"policy": {"destinations": {"rules": [{"action": "maybe"}]}}},
+    {"policy": {"destinations": {"rules": [{"domains": [".example.com"]}]}}},  # no action
+    {"policy": {"destinations": {"rules": [{"action": "deny", "commands": ["get"]}]}}},
+    {"policy": {"destinations": {"block_private": "no"}}},
 ])
 def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmError):
         chart.validate_schema(values)
     with pytest.raises(helm.HelmError):
+        chart.render(values, name="demo", namespace=NAMESPACE, is_install=True)
+
+
+def test_autoscaling_needs_min_at_most_max(chart: helm.Chart) -> None:
+    values = {"proxy": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}
+    with pytest.raises(helm.HelmError, match="minReplicas .5. must not exceed maxReplicas .2."):
         chart.render(values, name="demo", namespace=NAMESPACE, is_install=True)
