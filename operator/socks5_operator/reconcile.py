@@ -149,6 +149,7 @@ class Reconciler:
         self._logged_in = asyncio.Event()
         self._primed = False
         self._rendered: Rendered | None = None
+        self._written: str | None = None  # the policy Secret's data as last rendered
         self._history: collections.OrderedDict[str, frozenset[tuple[Ref, int]]] = (
             collections.OrderedDict())
         self._node_counts: dict[Ref, tuple[int, int]] = {}
@@ -181,6 +182,12 @@ class Reconciler:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
         if key == (self.options.namespace, self.options.secret_name):
+            # Our own writes come back unchanged; anything else (deleted, edited by hand)
+            # is put right by the next render, which writes what the resources say.
+            written = self._written
+            if written is not None and (event_type == "DELETED" or (body.get("data") or {})
+                                        .get(self.options.secret_key) != written):
+                self._dirty.set()
             return
         referenced = key in self._referenced()
         if event_type == "DELETED":
@@ -197,7 +204,9 @@ class Reconciler:
         refs: set[tuple[str, str]] = set()
         for ref, body in self._bodies.items():
             if ref.kind == "ProxyUser":
-                name = ((body.get("spec") or {}).get("passwordSecretRef") or {}).get("name")
+                spec = body.get("spec")
+                secret_ref = spec.get("passwordSecretRef") if isinstance(spec, Mapping) else None
+                name = secret_ref.get("name") if isinstance(secret_ref, Mapping) else None
                 if isinstance(name, str):
                     refs.add((ref.namespace, name))
         return refs
@@ -224,9 +233,13 @@ class Reconciler:
             self._dirty.clear()
             try:
                 await self.reconcile()
-            except KubeError as exc:
-                log.warning("reconciliation failed; retrying", error=str(exc),
-                            retry_in=delay)
+            except Exception as exc:  # the loop's top: it must outlive any one render
+                if isinstance(exc, KubeError):
+                    log.warning("reconciliation failed; retrying", error=str(exc),
+                                retry_in=delay)
+                else:
+                    log.exception("reconciliation failed unexpectedly; retrying",
+                                  retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.retry_max)
                 self._dirty.set()
@@ -319,6 +332,7 @@ class Reconciler:
                 options.secret_key]
             and ((current.get("metadata") or {}).get("annotations") or {}).get(
                 VERSION_ANNOTATION) == rendered.version)
+        self._written = manifest["data"][options.secret_key]
         if not unchanged:
             await self.client.put_secret(manifest, exists=current is not None)
             log.info("policy written", version=rendered.version,
@@ -353,6 +367,10 @@ class Reconciler:
         if not password:
             return SpecError("EmptyPassword",
                              f"Secret {key[0]}/{key[1]} key {spec.secret_key!r} is empty")
+        if len(password.encode()) > 255:
+            return SpecError("InvalidPassword", f"Secret {key[0]}/{key[1]} key "
+                             f"{spec.secret_key!r} holds {len(password.encode())} bytes; "
+                             "RFC 1929 carries at most 255, so no client could send it")
         return await self._passwords.hash_for(spec.username, password,
                                               previous.get(spec.username))
 

@@ -133,7 +133,16 @@ class Rendered:
 def _meta(body: Mapping[str, Any], kind: str) -> tuple[Ref, int, str]:
     meta = body.get("metadata") or {}
     ref = Ref(kind, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-    return ref, int(meta.get("generation") or 1), str(meta.get("creationTimestamp") or "")
+    generation = meta.get("generation")
+    generation = generation if isinstance(generation, int) and generation > 0 else 1
+    return ref, generation, str(meta.get("creationTimestamp") or "")
+
+
+def _spec(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    spec = body.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise SpecError("InvalidSpec", f"spec must be a mapping, got {spec!r}")
+    return spec
 
 
 def _integer(spec: Mapping[str, Any], key: str) -> int:
@@ -146,7 +155,7 @@ def _integer(spec: Mapping[str, Any], key: str) -> int:
 def parse_user(body: Mapping[str, Any]) -> UserSpec:
     """A ProxyUser body → UserSpec; raise SpecError for what the CRD schema let through."""
     ref, generation, created = _meta(body, "ProxyUser")
-    spec = body.get("spec") or {}
+    spec = _spec(body)
     username = spec.get("username")
     if not isinstance(username, str) or not username:
         raise SpecError("InvalidSpec", "spec.username is required")
@@ -156,6 +165,9 @@ def parse_user(body: Mapping[str, Any]) -> UserSpec:
         raise SpecError("InvalidUsername", "spec.username must not contain whitespace or "
                         "control characters")
     secret_ref = spec.get("passwordSecretRef") or {}
+    if not isinstance(secret_ref, Mapping):
+        raise SpecError("InvalidSpec", "spec.passwordSecretRef must be a mapping with a name "
+                        f"and a key, got {secret_ref!r}")
     name, key = secret_ref.get("name"), secret_ref.get("key")
     if not isinstance(name, str) or not name or not isinstance(key, str) or not key:
         raise SpecError("InvalidSpec", "spec.passwordSecretRef needs a name and a key")
@@ -181,7 +193,7 @@ def _network(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 def parse_whitelist(body: Mapping[str, Any]) -> WhitelistSpec:
     """An IPWhitelist body → WhitelistSpec; raise SpecError on a bad or missing CIDR."""
     ref, generation, created = _meta(body, "IPWhitelist")
-    spec = body.get("spec") or {}
+    spec = _spec(body)
     cidrs = spec.get("cidrs")
     if not isinstance(cidrs, list) or not cidrs:
         raise SpecError("InvalidSpec", "spec.cidrs needs at least one CIDR")

@@ -269,3 +269,58 @@ async def test_namespace_is_the_operators(operator: Operator) -> None:
     await operator.until(here)
     assert parse_policy(await operator.kube.policy_text() or "").whitelist == ["192.0.2.0/24"]
     assert NS == "proxies"
+
+
+async def test_the_policy_secret_is_put_back_when_deleted_or_edited(operator: Operator) -> None:
+    """The proxies' policy comes from the resources only: a deleted policy Secret (new proxy
+    pods could not start) or one edited by hand (users: [] means no authentication) is
+    rendered again at once."""
+    kube = operator.kube
+    await kube.create(secret("pw", password="pw-a"))
+    await kube.create(user("alice", "alice", "pw"))
+
+    async def applied() -> bool:
+        return await kube.ready("ProxyUser", "alice") == ("True", "Applied")
+
+    await operator.until(applied)
+    rendered = await kube.policy_text()
+    assert rendered is not None and set(_users(rendered)) == {"alice"}
+
+    async def restored() -> bool:
+        return await kube.policy_text() == rendered
+
+    await kube.delete("Secret", SECRET)
+    await operator.until(restored)
+    open_door = base64.b64encode(b"users: []\n").decode()
+    await kube.patch("Secret", SECRET, {"data": {"policy.yaml": open_door}})
+    await operator.until(restored)
+
+
+async def test_a_password_no_client_could_send_is_invalid(operator: Operator) -> None:
+    kube = operator.kube
+    await kube.create(secret("long", password="x" * 256))
+    await kube.create(user("longpw", "longpw", "long"))
+
+    async def reported() -> bool:
+        return await kube.ready("ProxyUser", "longpw") == ("False", "InvalidPassword")
+
+    await operator.until(reported)
+    status = (await kube.get("ProxyUser", "longpw") or {})["status"]
+    assert "256 bytes" in status["conditions"][0]["message"]
+    assert "longpw" not in _users(await kube.policy_text())
+
+
+async def test_a_malformed_spec_does_not_stop_the_others(operator: Operator) -> None:
+    """A spec the CRD schema would refuse (no schema here): reported, and the loop goes on."""
+    kube = operator.kube
+    await kube.create({**user("bad", "bad", "pw"),
+                       "spec": {"username": "bad", "passwordSecretRef": "pw"}})
+    await kube.create(secret("pw", password="pw-a"))
+    await kube.create(user("alice", "alice", "pw"))
+
+    async def both() -> bool:
+        return (await kube.ready("ProxyUser", "bad") == ("False", "InvalidSpec")
+                and await kube.ready("ProxyUser", "alice") == ("True", "Applied"))
+
+    await operator.until(both)
+    assert set(_users(await kube.policy_text())) == {"alice"}

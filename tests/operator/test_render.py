@@ -69,11 +69,21 @@ def test_duplicate_username_goes_to_the_oldest() -> None:
     (_user("x", maxConnections=True), "InvalidSpec"),
     (_user("x", connectionsPerSecond="fast"), "InvalidSpec"),
     ({"metadata": {"name": "x"}, "spec": {"username": "x"}}, "InvalidSpec"),
+    (_user("x", passwordSecretRef="pw"), "InvalidSpec"),  # a string, not {name, key}
+    (_user("x", passwordSecretRef=["pw"]), "InvalidSpec"),
+    ({"metadata": {"name": "x"}, "spec": "alice"}, "InvalidSpec"),
+    ({"metadata": {"name": "x", "generation": "two"}, "spec": []}, "InvalidSpec"),
 ])
 def test_bad_user_specs(body: dict[str, Any], reason: str) -> None:
     with pytest.raises(SpecError) as caught:
         parse_user(body)
     assert caught.value.reason == reason
+
+
+def test_a_whitelist_whose_spec_is_not_a_mapping_is_invalid() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_whitelist({"metadata": {"name": "w"}, "spec": "10.0.0.0/8"})
+    assert caught.value.reason == "InvalidSpec"
 
 
 @pytest.mark.parametrize("cidr", ["10.0.0.1/8", "10.0.0.0/33", "nope", "::1/200", 42, ""])
