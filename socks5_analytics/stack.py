@@ -163,7 +163,8 @@ def run(settings: Settings, config_file: Path | None) -> int:
                        pretty)
         children.insert(0, proxy)  # stopped first
         proxy_address = _wait_ready(proxy)
-        _announce(proxy_address, collector_address, api_address, url)
+        _announce(proxy_address, collector_address, api_address, url,
+                  login=_needs_login(settings))
         while not stopping.is_set():
             for child in children:
                 if child.process.poll() is not None:
@@ -185,7 +186,18 @@ def run(settings: Settings, config_file: Path | None) -> int:
     return status
 
 
-def _announce(proxy: str, collector: str, api: str | None, database: str) -> None:
+def _needs_login(settings: Settings) -> bool:
+    """Whether the proxy's policy lists users (its own check already passed at start)."""
+    from socks5_analytics.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(settings.proxy.policy_file).requires_auth
+    except (PolicyError, OSError):
+        return False
+
+
+def _announce(proxy: str, collector: str, api: str | None, database: str, *,
+              login: bool = False) -> None:
     lines = [
         "",
         "socks5-proxy-analytics is up:",
@@ -195,7 +207,8 @@ def _announce(proxy: str, collector: str, api: str | None, database: str) -> Non
         "  stats API      not installed",
         f"  PostgreSQL     {database}",
         "",
-        f"Try it:  curl --socks5-hostname {proxy} https://example.org/ -o /dev/null",
+        f"Try it:  curl --socks5-hostname {'USER:PASSWORD@' if login else ''}{proxy} "
+        "https://example.org/ -o /dev/null",
         "Stop:    Ctrl-C",
         "",
     ]

@@ -108,6 +108,17 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -139,7 +150,10 @@ class EmbeddedPostgres:
 
     Blocking: `start()` runs initdb the first time (about half a second) and waits until
     the server accepts connections. In async code use `async with`, which runs both in a
-    worker thread. A server still running in `data_dir` (left by a crashed run) is adopted.
+    worker thread. A server already running in `data_dir` is used, not started twice: while
+    the command that started it still runs (`socks5-analytics up`, with `api` or `migrate`
+    run beside it), that command stops it, not this object; left by a command that is gone
+    (a crash, a SIGKILL), it is adopted and stopped by this object like its own.
     """
 
     def __init__(
@@ -159,6 +173,8 @@ class EmbeddedPostgres:
         self.start_timeout = start_timeout
         self.host = "127.0.0.1"
         self.port: int | None = None
+        self.owner_file = self.data_dir / "owner.pid"
+        self.owned = False  # whether stop() stops the server (we started or adopted it)
         self._account = self._choose_account(run_as)
 
     @staticmethod
@@ -262,9 +278,13 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Initialise the data folder if needed, start the server, return its URL."""
         self._prepare_data_dir()
-        adopted = self._running_port()
-        if adopted is not None:
-            self.port = adopted
+        running = self._running_port()
+        if running is not None:
+            self.port = running
+            owner = self._owner()
+            self.owned = owner is None or not _alive(owner)
+            if self.owned:
+                self._claim()
             return self.dsn
         last_error = ""
         for _attempt in range(_START_ATTEMPTS):
@@ -276,6 +296,8 @@ class EmbeddedPostgres:
             )
             if result.returncode == 0:
                 self.port = port
+                self.owned = True
+                self._claim()
                 return self.dsn
             last_error = result.stderr + self._log_tail()
             if not _port_in_use(self.host, port):
@@ -289,9 +311,25 @@ class EmbeddedPostgres:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def _owner(self) -> int | None:
+        """The process id of the command that runs the server, if it said so."""
+        try:
+            text = self.owner_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
+
+    def _claim(self) -> None:
+        with contextlib.suppress(OSError):
+            self.owner_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+
     def stop(self) -> None:
-        """Stop the server (fast shutdown: sessions are ended, data is kept)."""
+        """Stop the server (fast shutdown: sessions are ended, data is kept); a server that
+        another live command runs is only let go."""
         if self.port is None:
+            return
+        if not self.owned:
+            self.port = None
             return
         result = self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w",
                            "-t", "60", timeout=70)
@@ -301,6 +339,9 @@ class EmbeddedPostgres:
             if result.returncode != 0:
                 raise EmbeddedServerError(f"PostgreSQL did not stop:\n{result.stderr}")
         self.port = None
+        self.owned = False
+        with contextlib.suppress(OSError):
+            self.owner_file.unlink()
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()

@@ -47,7 +47,13 @@ def script_location() -> Path:
 
 
 def _config(url: str) -> object:
+    import logging
+
     from alembic.config import Config
+
+    # alembic announces each of its plugins at INFO ("setup plugin alembic.autogenerate…")
+    # on every run; what it does to the schema ("Running upgrade …") stays.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
     config = Config()
     config.set_main_option("script_location", str(script_location()))

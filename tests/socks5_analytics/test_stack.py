@@ -28,6 +28,9 @@ import pytest
 import yaml
 from loopback import echo_server, socks_echo
 
+from socks5_analytics import stack
+from socks5_analytics.config import load_settings
+from socks5_analytics.passwords import hash_password
 from socks5_analytics.storage.embedded import EmbeddedPostgres
 
 CONNECTIONS = 12
@@ -124,3 +127,20 @@ async def _rows(data_dir: Path) -> tuple[int, int]:
         finally:
             await connection.close()
     return int(row[0]), int(row[1])
+
+
+@pytest.mark.parametrize(("users", "shown"), [
+    (True, "curl --socks5-hostname USER:PASSWORD@127.0.0.1:1080 https://example.org/"),
+    (False, "curl --socks5-hostname 127.0.0.1:1080 https://example.org/"),
+])
+def test_the_banner_shows_a_login_when_the_policy_needs_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], users: bool, shown: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"users:\n  - username: alice\n    password_hash: '{hash_password('pw', n=2**4)}'\n"
+        if users else "whitelist: []\n")
+    settings = load_settings(proxy={"policy_file": str(policy)})
+    assert stack._needs_login(settings) is users
+    stack._announce("127.0.0.1:1080", "127.0.0.1:50051", "127.0.0.1:8080", "postgresql://x",
+                    login=stack._needs_login(settings))
+    assert shown in capsys.readouterr().out

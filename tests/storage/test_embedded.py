@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,12 +63,46 @@ async def test_database_ready_starts_migrates_and_stops(folder: Path) -> None:
             await connection.close()
 
 
-def test_a_running_server_is_adopted(folder: Path) -> None:
-    """A server left running by a crashed run is reused, not started twice."""
+def _accepts(server: EmbeddedPostgres, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.connect((server.host, port))
+        except ConnectionRefusedError:
+            return False
+    return True
+
+
+def test_a_server_another_command_runs_is_used_and_left_running(folder: Path) -> None:
+    """`api` or `migrate` beside `up`: they use up's server and leave it running."""
     first = EmbeddedPostgres(folder / "pg", durable=False)
     first.start()
     try:
         second = EmbeddedPostgres(folder / "pg", durable=False)
         assert second.start() == first.dsn
+        assert first.owned and not second.owned
+        port = first.port
+        assert port is not None
+        second.stop()
+        assert _accepts(first, port)  # still up for the command that started it
     finally:
         first.stop()
+    assert not _accepts(first, port)
+
+
+def test_a_server_left_by_a_dead_command_is_adopted_and_stopped(folder: Path) -> None:
+    """A server whose command crashed (or was SIGKILLed) is reused, then stopped."""
+    first = EmbeddedPostgres(folder / "pg", durable=False)
+    first.start()
+    port = first.port
+    assert port is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    first.owner_file.write_text(f"{gone.pid}\n")  # a process that no longer exists
+    second = EmbeddedPostgres(folder / "pg", durable=False)
+    try:
+        assert second.start() == first.dsn
+        assert second.owned
+    finally:
+        second.stop()
+    assert not _accepts(second, port)
+    first.stop()  # already stopped: nothing to do, no error
