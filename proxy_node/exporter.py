@@ -58,6 +58,13 @@ class _Batch:
     sequence: int = 0
 
 
+def segment_bytes_for(max_bytes: int) -> int:
+    """Spool segment size for a spool of `max_bytes`: an eighth of it (at most 4 MiB, at
+    least 64 KiB). Acknowledged records free their room a whole segment at a time, so a
+    segment as large as the spool would keep it full while it is replayed under load."""
+    return max(64 * 1024, min(4 * 1024 * 1024, max_bytes // 8))
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -119,8 +126,11 @@ class GrpcExporter:
         self._window = asyncio.Event()  # room in the in-flight window
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_drop_log = 0.0
+        self._last_drop_log = -_DROP_LOG_INTERVAL
         self._reported_dropped = 0
+        self.dropped_spool_full = 0  # of `dropped`; the rest found the memory buffer full
+        self._reported_spool_full = 0
+        self._stream_opened = False
         self.connected = False
 
     @property
@@ -160,6 +170,7 @@ class GrpcExporter:
         self._spool = await loop.run_in_executor(self._io, lambda: Spool(
             settings.spool_dir,
             max_bytes=settings.spool_max_bytes,
+            segment_bytes=segment_bytes_for(settings.spool_max_bytes),
             fsync=settings.spool_fsync,
             fsync_interval=settings.spool_fsync_interval,
         ))
@@ -171,6 +182,7 @@ class GrpcExporter:
             loop.create_task(self._batcher(), name="exporter-batcher"),
             loop.create_task(self._deliver(), name="exporter-deliver"),
             loop.create_task(self._sync_spool(), name="exporter-spool-sync"),
+            loop.create_task(self._report_drops(), name="exporter-drop-report"),
         ]
 
     async def close(self) -> None:
@@ -192,7 +204,8 @@ class GrpcExporter:
             await self._in_io(self._spool.close)
         self._io.shutdown(wait=True)
         if self.dropped != self._reported_dropped:
-            self.log.warning("events dropped", dropped_total=self.dropped)
+            self.log.warning("events dropped", dropped_total=self.dropped,
+                             dropped_since=self.dropped - self._reported_dropped)
 
     # -- batching --------------------------------------------------------------------------
 
@@ -269,13 +282,27 @@ class GrpcExporter:
 
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
-        now = time.monotonic()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
-            self._last_drop_log = now
-            self.log.error("events dropped: spool full", dropped_total=self.dropped,
-                           dropped_since=self.dropped - self._reported_dropped,
-                           spool_max_bytes=self.settings.spool_max_bytes)
-            self._reported_dropped = self.dropped
+        self.dropped_spool_full += count
+
+    async def _report_drops(self) -> None:
+        """Log every drop, whatever its cause: within a second of the first, then at most
+        once every `_DROP_LOG_INTERVAL` seconds, each line counting what the last one did
+        not (the metric has every drop at once)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if (self.dropped != self._reported_dropped
+                    and now - self._last_drop_log >= _DROP_LOG_INTERVAL):
+                self._last_drop_log = now
+                spool_full = self.dropped_spool_full - self._reported_spool_full
+                self.log.error(
+                    "events dropped", dropped_total=self.dropped,
+                    dropped_since=self.dropped - self._reported_dropped,
+                    buffer_full=self.dropped - self._reported_dropped - spool_full,
+                    spool_full=spool_full, buffer_events=self.settings.buffer_events,
+                    spool_max_bytes=self.settings.spool_max_bytes)
+                self._reported_dropped = self.dropped
+                self._reported_spool_full = self.dropped_spool_full
 
     async def _sync_spool(self) -> None:
         while True:
@@ -305,6 +332,7 @@ class GrpcExporter:
         index = 0
         while True:
             target = self.targets[index % len(self.targets)]
+            self._stream_opened = False
             try:
                 await self._stream(target)
                 attempt = 0
@@ -312,6 +340,10 @@ class GrpcExporter:
                 raise
             except Exception as exc:  # the task's top: any failure means reconnect, never stop
                 self.connected = False
+                if self._stream_opened:
+                    # A stream that was up: a new outage, logged, retried from the start of
+                    # the backoff (not where the last outage left it).
+                    attempt = 0
                 if isinstance(exc, grpc.aio.AioRpcError):
                     detail = exc.code().name
                 elif isinstance(exc, (_StreamBroken, OSError, asyncio.InvalidStateError)):
@@ -384,6 +416,7 @@ class GrpcExporter:
                     self.batch_counts["resent"] += 1
                     await write(encode_batch_request(unanswered.payload, sequence))
                 self.connected = True
+                self._stream_opened = True
                 if self._inflight:
                     self.log.info("collector stream open; resending", collector=target,
                                   batches=len(self._inflight))

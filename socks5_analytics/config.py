@@ -180,6 +180,15 @@ class EventSinkSettings(_Section):
             raise ValueError("sink grpc needs at least one address in collectors")
         return self
 
+    @model_validator(mode="after")
+    def _buffer_holds_two_batches(self) -> EventSinkSettings:
+        if self.buffer_events < 2 * self.batch_max_events:
+            raise ValueError(
+                f"buffer_events ({self.buffer_events}) must be at least twice batch_max_events "
+                f"({self.batch_max_events}): a smaller buffer fills before a batch is cut, and "
+                "events are dropped while the spool still has room")
+        return self
+
     @property
     def kind(self) -> Literal["grpc", "jsonl", "none"]:
         """The sink in effect: `auto` streams to collectors when any are configured."""

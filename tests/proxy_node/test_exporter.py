@@ -18,7 +18,13 @@ import grpc
 import pytest
 
 from proxy_node.events import ConnectionEvent, ConnectionRecord
-from proxy_node.exporter import GrpcExporter, NodeIdentity, encode_batch_request
+from proxy_node.exporter import (
+    GrpcExporter,
+    NodeIdentity,
+    encode_batch_request,
+    segment_bytes_for,
+)
+from proxy_node.spool import Spool
 from socks5_analytics.config import EventSinkSettings
 from socks5_analytics.logs import get_logger
 from socks5_analytics.stubs.traffic.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
@@ -272,3 +278,103 @@ async def test_close_leaves_no_task_behind(tmp_path: Path) -> None:
         assert left == [], f"tasks still pending after close: {left}"
 
     await _with_collector(body)
+
+
+class RecordingLog:
+    """A logger that keeps (level, message, fields) for the test to read."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def _record(self, level: str) -> Callable[..., None]:
+        def log(message: str, **fields: Any) -> None:
+            self.lines.append((level, message, fields))
+        return log
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return self._record(level)
+
+    def named(self, message: str) -> list[dict[str, Any]]:
+        return [fields for _, text, fields in self.lines if text == message]
+
+
+def _logged_exporter(tmp_path: Path, port: int, log: RecordingLog,
+                     **overrides: Any) -> GrpcExporter:
+    exporter = _exporter(tmp_path, port, **overrides)
+    exporter.log = log
+    return exporter
+
+
+async def test_every_outage_is_logged_and_backs_off_from_the_start(tmp_path: Path) -> None:
+    """A stream that was up and breaks is a new outage: logged, retried at once."""
+    async def body(collector: FakeCollector, port: int) -> None:
+        log = RecordingLog()
+        exporter = _logged_exporter(tmp_path, port, log, batch_max_events=50,
+                                    backoff_initial=0.05, backoff_max=5.0)
+        await exporter.start()
+        for round_ in range(3):
+            collector.break_after = collector.batches_seen + 1
+            for i in range(100):
+                exporter.emit(_event(round_ * 100 + i))
+            expected = (round_ + 1) * 100
+            await _until(lambda expected=expected: len(collector.committed) == expected
+                         and exporter.connected, timeout=5)
+        await exporter.close()
+        failures = log.named("collector stream failed")
+        assert len(failures) == 3, failures
+        assert all(fields["attempt"] == 0 for fields in failures)
+
+    await _with_collector(body)
+
+
+async def test_drops_from_a_full_buffer_are_logged_within_seconds(tmp_path: Path) -> None:
+    async def body(collector: FakeCollector, port: int) -> None:
+        collector.hold.clear()
+        log = RecordingLog()
+        exporter = _logged_exporter(tmp_path, port, log, buffer_events=1000)
+        await exporter.start()
+        for i in range(5000):
+            exporter.emit(_event(i))
+        dropped = exporter.dropped
+        assert dropped >= 4000
+        await _until(lambda: bool(log.named("events dropped")), timeout=3)
+        [line] = log.named("events dropped")
+        assert (line["dropped_total"], line["buffer_full"], line["spool_full"]) == (
+            dropped, dropped, 0)
+        collector.hold.set()
+        await exporter.close()
+
+    await _with_collector(body)
+
+
+@pytest.mark.parametrize(("max_bytes", "segment"), [
+    (1 << 20, 128 * 1024),        # the smallest spool: eight segments
+    (1 << 30, 4 * 1024 * 1024),   # the default: segments of at most 4 MiB
+    (100 * 1024, 64 * 1024),      # never under 64 KiB
+])
+def test_segment_bytes_for(max_bytes: int, segment: int) -> None:
+    assert segment_bytes_for(max_bytes) == segment
+
+
+def test_a_spool_being_replayed_frees_room_as_it_goes(tmp_path: Path) -> None:
+    """Acknowledged records free their room a segment at a time: with segments as large as
+    the spool, it stays full while replayed under load and new batches are dropped."""
+    def fill_then_replay_half(segment_bytes: int) -> bool:
+        spool = Spool(tmp_path / str(segment_bytes), max_bytes=1 << 20,
+                      segment_bytes=segment_bytes, fsync="never")
+        record = b"x" * 10_000
+        while spool.append(record):
+            pass
+        last = None
+        for _ in range(60):  # about 600 KB replayed and acknowledged
+            read = spool.read_next()
+            assert read is not None
+            last = read[0]
+        assert last is not None
+        spool.ack(last)
+        room = spool.append(record)
+        spool.close()
+        return room
+
+    assert fill_then_replay_half(segment_bytes_for(1 << 20))
+    assert not fill_then_replay_half(4 * 1024 * 1024)  # the old segment size

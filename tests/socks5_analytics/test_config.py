@@ -103,7 +103,7 @@ proxy:
   events:
     sink: none
     path: /tmp/events.jsonl
-    buffer_events: 10
+    buffer_events: 1000
     flush_interval: 1
 """,
     )
@@ -118,7 +118,7 @@ proxy:
     assert settings.proxy.dns_cache_size == 0
     assert settings.proxy.relay == "copy"
     assert settings.proxy.events == EventSinkSettings(
-        sink="none", path=Path("/tmp/events.jsonl"), buffer_events=10, flush_interval=1.0
+        sink="none", path=Path("/tmp/events.jsonl"), buffer_events=1000, flush_interval=1.0
     )
     # What the file does not mention keeps its default.
     assert settings.proxy.idle_timeout == ProxySettings().idle_timeout
@@ -163,8 +163,8 @@ def test_env_ipv6_listen(monkeypatch: pytest.MonkeyPatch) -> None:
                      id="literal"),
         pytest.param("S5A_LOG__LEVEL", "error", lambda s: s.log.level, "error", id="log-section"),
         pytest.param("S5A_NODE_ID", "env-node", lambda s: s.node_id, "env-node", id="top-level"),
-        pytest.param("S5A_PROXY__EVENTS__BUFFER_EVENTS", "7",
-                     lambda s: s.proxy.events.buffer_events, 7, id="two-levels-deep"),
+        pytest.param("S5A_PROXY__EVENTS__BUFFER_EVENTS", "7000",
+                     lambda s: s.proxy.events.buffer_events, 7000, id="two-levels-deep"),
         pytest.param("s5a_proxy__workers", "8", lambda s: s.proxy.workers, 8, id="lower-case"),
     ],
 )
@@ -179,7 +179,7 @@ def test_env_values_beat_file(
     path = _write(
         tmp_path,
         "node_id: file-node\nlog:\n  level: debug\n"
-        "proxy:\n  workers: 2\n  relay: copy\n  events:\n    buffer_events: 3\n",
+        "proxy:\n  workers: 2\n  relay: copy\n  events:\n    buffer_events: 3000\n",
     )
     assert read(load_settings(config_file=path)) != expected
     monkeypatch.setenv(name, value)
@@ -294,6 +294,9 @@ def test_unknown_key_in_file(tmp_path: Path, text: str, key: str) -> None:
         pytest.param("proxy:\n  relay: turbo\n", "proxy.relay", "turbo", id="relay-literal"),
         pytest.param("proxy:\n  events:\n    sink: kafka\n", "proxy.events.sink", "kafka",
                      id="nested-literal"),
+        pytest.param("proxy:\n  events:\n    buffer_events: 999\n", "proxy.events",
+                     "buffer_events (999) must be at least twice batch_max_events (500)",
+                     id="buffer-below-two-batches"),
         pytest.param("proxy:\n  events:\n    buffer_events: 0\n", "proxy.events.buffer_events",
                      "0", id="nested-range"),
         pytest.param("log:\n  level: verbose\n", "log.level", "verbose", id="log-level"),
