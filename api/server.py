@@ -91,13 +91,14 @@ async def _main(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
+    provider = setup_tracing(settings.telemetry, service="api", node=settings.node_id)
+    tracer = provider.get_tracer("api", __version__) if provider is not None else None
+
     def announce(host: str, port: int) -> None:
         address = format_address(host, port)
         log.info("api listening", address=address, dashboard=f"http://{address}/dashboard",
-                 auth="token" if settings.api.token is not None else "none")
-
-    provider = setup_tracing(settings.telemetry, service="api", node=settings.node_id)
-    tracer = provider.get_tracer("api", __version__) if provider is not None else None
+                 auth="token" if settings.api.token is not None else "none",
+                 tracing=tracer is not None)
     try:
         await serve(settings, stop=stop, ready=announce, tracer=tracer)
     except StorageError as exc:

@@ -121,6 +121,16 @@ def _utc_day(moment: datetime) -> date:
     return moment.astimezone(UTC).date()
 
 
+
+def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
+    """`span` as the current span (for the log lines written meanwhile), or nothing."""
+    if span is None:
+        return contextlib.nullcontext()
+    from opentelemetry import trace
+
+    return trace.use_span(span, end_on_exit=False, record_exception=False,
+                          set_status_on_exception=False)
+
 class Publisher:
     """Gathers submitted batches into large writes; resolves each after its commit."""
 
@@ -269,13 +279,17 @@ class Publisher:
         span = self._write_span(group, len(events) + len(interims))
         started = time.monotonic()
         try:
-            partial = await self._store(events, interims, now)
+            # The span is current while the write runs: its retry and failure lines carry
+            # the trace_id and span_id.
+            with _current(span):
+                partial = await self._store(events, interims, now)
         except UnstorableBatchError as exc:
             if span is not None:
                 span.record_exception(exc)
                 span.end()
-            log.error("the database keeps failing a write; its streams end and their "
-                      "nodes resend later", batches=len(group), error=str(exc))
+            with _current(span):
+                log.error("the database keeps failing a write; its streams end and their "
+                          "nodes resend later", batches=len(group), error=str(exc))
             for submission in group:
                 self._fail(submission, exc)
             return

@@ -197,13 +197,15 @@ class ProxyServer:
                     if sample is not None:
                         self.sink.emit_interim(sample)
 
-    def note_auth_throttled(self, source_ip: str) -> None:
-        """Log (at most every 10 s per node) that a source is being throttled."""
+    def note_auth_throttled(self, source_ip: str, **span_ids: str) -> None:
+        """Log (at most every 10 s per node) that a source is being throttled; `span_ids`:
+        the throttled connection's trace_id and span_id, when it is traced."""
         now = time.monotonic()
         if now - self._last_throttle_log >= 10:
             self._last_throttle_log = now
             self.log.warning("authentication throttled: too many failures", source_ip=source_ip,
-                             per_minute=self.rules.policy.limits.auth_failures_per_minute_per_ip)
+                             per_minute=self.rules.policy.limits.auth_failures_per_minute_per_ip,
+                             **span_ids)
 
     def revoke(self) -> int:
         """Close the live sessions the policy now in force no longer allows."""

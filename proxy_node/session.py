@@ -150,7 +150,8 @@ class Session:
                 self._count_failure("denied")
             self._end()
         except Exception:
-            self.server.log.exception("session failed", source_ip=record.source_ip)
+            self.server.log.exception("session failed", source_ip=record.source_ip,
+                                      **self._span_ids())
             record.status = "error"
             record.close_reason = "error"
             self._end()
@@ -222,8 +223,17 @@ class Session:
         except OSError as exc:  # a socket of the proxy's own failed (EMFILE, ENOBUFS ...)
             await self._reply_failure(reader, exc)  # RFC 1928 §6: still a reply, 0x01
             server.log.warning("request failed locally", command=record.command,
-                               error=exc.strerror or type(exc).__name__)
+                               error=exc.strerror or type(exc).__name__, **self._span_ids())
             raise LocalFailure(str(exc)) from exc
+
+    def _span_ids(self) -> dict[str, str]:
+        """The session span's ids, for a line logged inside it. The span is never made the
+        current one (that would cost every connection two context switches), so the log
+        processor cannot find them by itself."""
+        record = self.record
+        if record.trace_id is None or record.span_id is None:
+            return {}
+        return {"trace_id": record.trace_id, "span_id": record.span_id}
 
     async def _check_password(self, credentials: AuthRequest) -> bool:
         """RFC 1929 verification with throttling and per-user limits; sets the status."""
@@ -235,7 +245,7 @@ class Session:
             return False
         if gate.auth_blocked(record.source_ip):
             record.status = "rate_limited"
-            server.note_auth_throttled(record.source_ip)
+            server.note_auth_throttled(record.source_ip, **self._span_ids())
             return False
         authenticator = server.authenticator
         ok = authenticator.recognized(credentials.username, credentials.password)
