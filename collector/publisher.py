@@ -308,14 +308,20 @@ class Publisher:
         self._attribute(group, partial, now)
 
     def _write_span(self, group: list[_Submission], rows: int) -> Any:
-        """The database write's span, linked to the node batches it carries."""
+        """The database write's span: a child of its first sampled batch's span, linked to
+        every batch it carries."""
         if self.tracer is None:
             return None
-        from opentelemetry.trace import Link, SpanKind
+        from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, set_span_in_context
 
-        links = [Link(s.span_context) for s in group[:_MAX_LINKS] if s.span_context is not None]
+        contexts = [s.span_context for s in group[:_MAX_LINKS] if s.span_context is not None]
+        # A child of the first batch's span (one trace from a connection to the write that
+        # stored it), linked to every batch it carries.
+        sampled = [context for context in contexts if context.trace_flags.sampled]
+        parent = set_span_in_context(NonRecordingSpan(sampled[0])) if sampled else None
         return self.tracer.start_span(
-            "INSERT traffic_logs", kind=SpanKind.CLIENT, links=links,
+            "INSERT traffic_logs", context=parent, kind=SpanKind.CLIENT,
+            links=[Link(context) for context in contexts],
             attributes={"db.system.name": "postgresql", "db.operation.name": "INSERT",
                         "db.collection.name": "traffic_logs",
                         "db.operation.batch.size": rows},

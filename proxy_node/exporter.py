@@ -228,16 +228,26 @@ class GrpcExporter:
         return _Batch(batch.SerializeToString(), count, None)
 
     def _export_span(self, batch: ingest.Batch) -> str:
-        """A span for handing this batch over, linked to its connections' spans; returns
-        its W3C traceparent for the collector to continue."""
-        from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+        """A span for handing this batch over: a child of its first traced connection's span
+        (so that connection, this batch and its write share one trace), linked to every
+        traced connection's span; returns its W3C traceparent for the collector to continue."""
+        from opentelemetry.trace import (
+            Link,
+            NonRecordingSpan,
+            SpanContext,
+            SpanKind,
+            TraceFlags,
+            set_span_in_context,
+        )
 
-        links = [
-            Link(SpanContext(int.from_bytes(e.trace_id, "big"), int.from_bytes(e.span_id, "big"),
-                             is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        contexts = [
+            SpanContext(int.from_bytes(e.trace_id, "big"), int.from_bytes(e.span_id, "big"),
+                        is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
             for e in batch.events[:_MAX_LINKS] if e.trace_id and e.span_id
         ]
-        span = self.tracer.start_span("socks5.export", kind=SpanKind.PRODUCER, links=links,
+        parent = set_span_in_context(NonRecordingSpan(contexts[0])) if contexts else None
+        span = self.tracer.start_span("socks5.export", context=parent, kind=SpanKind.PRODUCER,
+                                      links=[Link(context) for context in contexts],
                                       attributes={"messaging.batch.message_count":
                                                   len(batch.events) + len(batch.interims)})
         context = span.get_span_context()

@@ -3,7 +3,8 @@
 A real proxy process and a real collector process export OTLP/gRPC to an in-process
 receiver built from opentelemetry-proto's service definition. The connection's span, the
 node's export span, the collector's batch span and the database write must form one trace
-(parent or link), with the expected attributes, and the stored row must carry the trace id.
+(each a child of the first it carries, and linked to all), with the expected attributes, and
+the stored row must carry the trace id.
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ async def test_one_trace_from_connection_to_database(
     assert attributes["socks5.status"].string_value == "ok"
     assert attributes["socks5.bytes_out"].int_value == 4
     assert attributes["socks5.bytes_in"].int_value == 4
-    # The export span links to the connection; the batch continues the export's trace;
-    # the write links to the batch.
+    # One trace: the export is a child of the (first) connection and links to it; the batch
+    # continues the export's trace; the write is a child of the (first) batch and links to it.
+    assert export.trace_id == connection.trace_id
+    assert export.parent_span_id == connection.span_id
     assert any(link.span_id == connection.span_id for link in export.links)
     assert batch.trace_id == export.trace_id and batch.parent_span_id == export.span_id
     assert any(link.span_id == connection.span_id for link in batch.links)
+    assert write.trace_id == batch.trace_id and write.parent_span_id == batch.span_id
     assert any(link.span_id == batch.span_id for link in write.links)
     row = await _stored_trace_id(database_url)
     assert row == connection.trace_id.hex()
