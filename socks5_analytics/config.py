@@ -432,6 +432,8 @@ class OperatorSettings(_Section):
     rollout_interval: Seconds = 5.0
     # Nodes without a heartbeat for this long are not counted
     node_stale_after: Seconds = 30.0
+    # HOST:PORT of kopf's liveness endpoint, GET /healthz (the chart probes it); null: off
+    health_listen: OptionalAddress = None
 
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(

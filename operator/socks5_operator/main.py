@@ -13,7 +13,7 @@ import kopf
 import yaml
 
 from socks5_analytics import runtime
-from socks5_analytics.config import ConfigError, Settings
+from socks5_analytics.config import ConfigError, Settings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.policy import PolicyError, parse_policy
 from socks5_operator.handlers import Login, build_registry, default_login
@@ -94,8 +94,10 @@ async def serve(
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
     reconciler_ready: asyncio.Future[Reconciler] | None = None,
+    liveness: str | None = None,
 ) -> None:
-    """Run kopf and the reconciler until `stop_flag` is set (or the task is cancelled)."""
+    """Run kopf and the reconciler until `stop_flag` is set (or the task is cancelled);
+    `liveness`: kopf's liveness endpoint URL (http://HOST:PORT/healthz), if any."""
     client = KubeClient()
     reconciler = Reconciler(options, client, nodes=nodes)
     if reconciler_ready is not None:
@@ -112,6 +114,7 @@ async def serve(
             standalone=True,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
+            liveness_endpoint=liveness,
         )
     finally:
         for task in loops:
@@ -131,9 +134,12 @@ def run(settings: Settings) -> int:
     if config.api_url:
         token = config.api_token.get_secret_value() if config.api_token else None
         nodes = ApiNodes(config.api_url, token)
+    liveness = None
+    if config.health_listen is not None:
+        liveness = f"http://{format_address(*config.health_listen)}/healthz"
     log.info("operator starting", namespace=options.namespace,
              cluster_wide=options.cluster_wide,
-             secret=f"{options.namespace}/{options.secret_name}")
+             secret=f"{options.namespace}/{options.secret_name}", liveness=liveness)
     # kopf handles SIGTERM/SIGINT itself and returns once it has stopped.
-    runtime.run(serve(options, nodes=nodes))
+    runtime.run(serve(options, nodes=nodes, liveness=liveness))
     return 0

@@ -147,6 +147,11 @@ def test_proxy_mounts_the_policy_directory_and_rolls_on_config(
     operator = _by_kind(manifests, "Deployment", "-operator")
     op_env = {e["name"]: e.get("value") for e in _containers(operator)[0]["env"]}
     assert volume["secret"]["secretName"] == op_env["S5A_OPERATOR__POLICY_SECRET"]
+    # The operator's liveness probe asks kopf's endpoint, where the operator serves it.
+    probe = _containers(operator)[0]["livenessProbe"]["httpGet"]
+    port = next(p for p in _containers(operator)[0]["ports"] if p["name"] == probe["port"])
+    assert probe["path"] == "/healthz"
+    assert op_env["S5A_OPERATOR__HEALTH_LISTEN"] == f"0.0.0.0:{port['containerPort']}"
     assert container["readinessProbe"]["tcpSocket"]["port"] == "socks"
     assert pod["spec"]["terminationGracePeriodSeconds"] > int(env["S5A_PROXY__SHUTDOWN_GRACE"])
     service = _by_kind(manifests, "Service", "-proxy")

@@ -61,7 +61,8 @@ def run_operator(cluster: kmock.KubernetesEmulator, kube: Kube) -> OperatorFacto
         return kopf.ConnectionInfo(server=str(cluster.url))
 
     @contextlib.asynccontextmanager
-    async def start(nodes: NodesSource | None = None, **options: Any) -> AsyncIterator[Operator]:
+    async def start(nodes: NodesSource | None = None, liveness: str | None = None,
+                    **options: Any) -> AsyncIterator[Operator]:
         settings = ReconcilerOptions(namespace=NS, secret_name=SECRET, secret_key="policy.yaml",
                                      base=options.pop("base", {}), debounce=0.01, **options)
         test_loop = asyncio.get_running_loop()
@@ -74,7 +75,8 @@ def run_operator(cluster: kmock.KubernetesEmulator, kube: Kube) -> OperatorFacto
             reconciler_made: asyncio.Future[Reconciler] = (
                 asyncio.get_running_loop().create_future())
             task = asyncio.create_task(serve(settings, login=login, nodes=nodes,
-                                             stop_flag=stop, reconciler_ready=reconciler_made))
+                                             stop_flag=stop, reconciler_ready=reconciler_made,
+                                             liveness=liveness))
             reconciler = await reconciler_made
             def wake() -> None:
                 test_loop.call_soon_threadsafe(rendered.set)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import socket
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from operator_harness import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
 
 from socks5_analytics.passwords import verify_password
@@ -324,3 +327,25 @@ async def test_a_malformed_spec_does_not_stop_the_others(operator: Operator) -> 
 
     await operator.until(both)
     assert set(_users(await kube.policy_text())) == {"alice"}
+
+
+async def test_the_liveness_endpoint_answers(run_operator: OperatorFactory, kube: Kube) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with run_operator(liveness=f"http://127.0.0.1:{port}/healthz") as operator:
+        async def written() -> bool:
+            return await kube.policy_text() is not None
+
+        await operator.until(written)
+        async with aiohttp.ClientSession() as http:
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        assert response.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
