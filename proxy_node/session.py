@@ -6,8 +6,10 @@ session ends in exactly one event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
@@ -332,9 +334,8 @@ class Session:
             await self._succeed(reader, host, port)
             record = self.record
             record.status = "error"  # until the second reply says otherwise
-            inbound, peer_ip, peer_port = await accept_one(
-                listener, expected, server.settings.bind_timeout
-            )
+            inbound, peer_ip, peer_port = await _accept_unless_closed(
+                reader, accept_one(listener, expected, server.settings.bind_timeout))
         finally:
             listener.close()
         server.poller.watch(inbound.fileno(), _ignore)  # the relay takes it over
@@ -414,6 +415,37 @@ class Session:
 
 def _ignore(mask: int) -> None:
     """A watched socket's handler until its relay starts (which reads it at once)."""
+
+
+async def _accept_unless_closed(
+    reader: HandshakeReader, accepting: Coroutine[Any, Any, tuple[socket.socket, str, int]]
+) -> tuple[socket.socket, str, int]:
+    """The BIND peer's connection, unless the client closes its control connection first:
+    then its listener must not wait out `bind_timeout` for nobody. What the client sends
+    meanwhile is kept, to be relayed first."""
+    loop = asyncio.get_running_loop()
+    accept = loop.create_task(accepting)
+    watcher = loop.create_task(_keep_until_closed(reader))
+    try:
+        await asyncio.wait({accept, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not accept.done():
+            accept.cancel()
+    if not accept.done() or accept.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await accept
+        raise ClientClosed("the client closed its connection while waiting for the BIND peer")
+    return accept.result()
+
+
+async def _keep_until_closed(reader: HandshakeReader) -> None:
+    """Read until the control connection closes, keeping what arrives for the relay."""
+    try:
+        while True:
+            reader.buffer += await reader.recv()
+    except ClientClosed:
+        return
 
 
 async def _until_closed(reader: HandshakeReader) -> None:

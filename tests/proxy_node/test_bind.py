@@ -115,3 +115,44 @@ async def test_bind_over_an_ipv6_control_connection(
     writer.close()
     await control.close()
     await reader.read()
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on TCP `port` (from /proc: connecting would be the peer)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+async def test_the_listener_closes_when_the_client_leaves(proxy: ProxyProcess) -> None:
+    """A client that closes its control connection while waiting for the peer: the
+    announced port is closed at once, not kept until bind_timeout (60 s here)."""
+    control = await proxy.request(BIND, "127.0.0.1", 0)
+    assert control.reply.rep == 0
+    assert _listening(control.reply.port)
+    await control.close()
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while _listening(control.reply.port):
+        assert asyncio.get_running_loop().time() < deadline, "the listener is still open"
+        await asyncio.sleep(0.05)
+    event = await proxy.event_for(control.local_port)
+    assert (event["command"], event["close_reason"]) == ("bind", "client")
+
+
+async def test_data_sent_before_the_peer_arrives_is_relayed_to_it(proxy: ProxyProcess) -> None:
+    control = await proxy.request(BIND, "127.0.0.1", 0)
+    assert control.reply.rep == 0
+    control.writer.write(b"early bytes")  # before the second reply: kept, not lost
+    await control.writer.drain()
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(control.reply.host, control.reply.port), DEADLINE)
+    assert (await control.read_reply()).rep == 0
+    assert await asyncio.wait_for(reader.readexactly(11), DEADLINE) == b"early bytes"
+    writer.close()
+    await control.close()
