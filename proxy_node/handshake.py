@@ -124,6 +124,20 @@ class HandshakeReader:
                 raise ClientClosed("EOF during handshake")
             return data
 
+    async def wait_closed(self) -> None:
+        """Return once the client closes or resets its side of the connection. What it sends
+        meanwhile stays in the socket, unread (the kernel's buffer bounds it), for the relay
+        to read first."""
+        while not self.closing:
+            try:
+                if not self.sock.recv(1, socket.MSG_PEEK):
+                    return  # EOF
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return  # reset
+            await self._ready()
+
     async def send(self, data: bytes) -> None:
         """Send a whole reply; handshake replies are tiny, so this rarely waits."""
         view = memoryview(data)

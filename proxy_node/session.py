@@ -422,30 +422,21 @@ async def _accept_unless_closed(
 ) -> tuple[socket.socket, str, int]:
     """The BIND peer's connection, unless the client closes its control connection first:
     then its listener must not wait out `bind_timeout` for nobody. What the client sends
-    meanwhile is kept, to be relayed first."""
+    meanwhile stays in its socket, to be relayed first."""
     loop = asyncio.get_running_loop()
     accept = loop.create_task(accepting)
-    watcher = loop.create_task(_keep_until_closed(reader))
+    closed = loop.create_task(reader.wait_closed())
     try:
-        await asyncio.wait({accept, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({accept, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        closed.cancel()
         if not accept.done():
             accept.cancel()
-    if not accept.done() or accept.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await accept
+            with contextlib.suppress(asyncio.CancelledError):
+                await accept
+    if accept.cancelled():
         raise ClientClosed("the client closed its connection while waiting for the BIND peer")
     return accept.result()
-
-
-async def _keep_until_closed(reader: HandshakeReader) -> None:
-    """Read until the control connection closes, keeping what arrives for the relay."""
-    try:
-        while True:
-            reader.buffer += await reader.recv()
-    except ClientClosed:
-        return
 
 
 async def _until_closed(reader: HandshakeReader) -> None:
