@@ -121,7 +121,6 @@ def _utc_day(moment: datetime) -> date:
     return moment.astimezone(UTC).date()
 
 
-
 def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
     """`span` as the current span (for the log lines written meanwhile), or nothing."""
     if span is None:
@@ -130,6 +129,7 @@ def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
 
     return trace.use_span(span, end_on_exit=False, record_exception=False,
                           set_status_on_exception=False)
+
 
 class Publisher:
     """Gathers submitted batches into large writes; resolves each after its commit."""

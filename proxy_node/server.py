@@ -110,11 +110,17 @@ class ProxyServer:
         host, port = listener.getsockname()[:2]
         return host, port
 
+    @property
+    def capacity(self) -> int:
+        """The cap on concurrent connections in force: the lower of the config's and the
+        policy's."""
+        return min(self.settings.max_connections, self.rules.max_connections)
+
     def _on_accept(self) -> None:
         listener = self._listener
         if listener is None:
             return
-        cap = min(self.settings.max_connections, self.rules.max_connections)
+        cap = self.capacity
         loop = self.loop
         family = self._family
         for _ in range(_ACCEPT_BATCH):
@@ -167,10 +173,8 @@ class ProxyServer:
         now = time.monotonic()
         if now - self._last_refusal_log >= 10:
             self._last_refusal_log = now
-            # The cap in force: the lower of the config's and the policy's.
             self.log.warning("connection refused: at max_connections",
-                             max_connections=min(self.settings.max_connections,
-                                                 self.rules.max_connections),
+                             max_connections=self.capacity,
                              refused_total=self.refused_over_capacity)
 
     def _pause_accepting(self, exc: OSError) -> None:
