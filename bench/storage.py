@@ -56,6 +56,7 @@ import asyncpg
 from socksbench import pgdata, report
 
 from socks5_analytics.storage import Repository, StatsFilter, _sql
+from socks5_analytics.storage.repository import ROLL_UP_LAG
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T0 = time.monotonic()
@@ -83,28 +84,60 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
     # One connection, no background work: inserts, then a roll-forward per SERIAL_EVERY rows.
     serial = await Repository.open(url=url, min_size=1, max_size=1)
     serial.auto_roll_forward = False
+    # A live stream, pass after pass: each pass's events close in the minute before its
+    # own time now (the repositories' clock), 6 minutes after the last pass's. A roll-forward
+    # rolls the coarse tiers up to ROLL_UP_LAG (5 minutes) before now, as a collector's
+    # does: so each pass also rolls up the pass before it (a pass of the same size, on the
+    # roll-forward's connection, alongside its inserts), as a live collector rolls each
+    # minute up five minutes later. The work per pass is the whole work per event; only
+    # the roll-up runs one pass late, as it does live.
+    spacing = ROLL_UP_LAG + timedelta(minutes=1)
+    start = (datetime.now(UTC).replace(second=0, microsecond=0)
+             - spacing * (3 + runs * len(BATCH_SIZES) * 2))
+    passes = iter(range(1, 1_000))
+
+    def pass_events(count: int) -> tuple[list[Any], datetime]:
+        end = start + spacing * next(passes)
+        return pgdata.events(count, rng, end=end), end
+
+    def live_at(repository: Repository, end: datetime) -> None:
+        repository.clock = lambda: end
+
     raw = await asyncpg.connect(url)
     try:
         await repo.ensure_partitions()
         today = datetime.now(UTC).date()
         await pgdata.create_raw_table(raw, [today - timedelta(days=1), today])
-        # warm-up: plans, caches, the staging table
-        warm = pgdata.events(2_000, rng)
-        await repo.insert_batch(events=warm)
+        # warm-up: plans, caches, the staging table, and a pass for the first to roll up
+        warm, warm_end = pass_events(rows)
+        live_at(repo, warm_end)
+        for batch in pgdata.chunks(warm, BATCH_SIZES[-1]):
+            await repo.insert_batch(events=batch)
         await repo.roll_forward()
-        await pgdata.raw_copy(raw, [pgdata.records(warm)])
+        await pgdata.raw_copy(raw, [pgdata.records(warm[:2_000])])
         for run in range(runs):
             for size in BATCH_SIZES:
-                made = pgdata.events(rows, rng)
+                # Rotated from run to run, so drift of the machine hits each alike.
+                order = ["raw", "repo", "serial"]
+                order = order[run % 3:] + order[:run % 3]
+                # The events of the pass that runs first are the earlier ones.
+                if order.index("repo") < order.index("serial"):
+                    made, made_end = pass_events(rows)
+                    serial_made, serial_end = pass_events(rows)
+                else:
+                    serial_made, serial_end = pass_events(rows)
+                    made, made_end = pass_events(rows)
                 batches = pgdata.chunks(made, size)
-                serial_batches = pgdata.chunks(pgdata.events(rows, rng), size)
+                serial_batches = pgdata.chunks(serial_made, size)
                 tuples = [pgdata.records(batch) for batch in batches]
                 meter = pgdata.LoadMeter([pg_pid])
 
                 acked: list[float] = []
 
                 async def through_repo(batches: list[Any] = batches,
-                                       acked: list[float] = acked) -> float:
+                                       acked: list[float] = acked,
+                                       made_end: datetime = made_end) -> float:
+                    live_at(repo, made_end)
                     started = time.perf_counter()
                     for batch in batches:
                         result = await repo.insert_batch(events=batch, **checked)
@@ -115,7 +148,9 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                     assert await repo.queue_length() == 0
                     return time.perf_counter() - started
 
-                async def through_serial(batches: list[Any] = serial_batches) -> float:
+                async def through_serial(batches: list[Any] = serial_batches,
+                                         serial_end: datetime = serial_end) -> float:
+                    live_at(serial, serial_end)
                     started = time.perf_counter()
                     queued = 0
                     for batch in batches:
@@ -128,9 +163,6 @@ async def insert_runs(url: str, pg_pid: int | None, runs: int, rows: int,
                     await serial.roll_forward()
                     return time.perf_counter() - started
 
-                # Rotated from run to run, so drift of the machine hits each alike.
-                order = ["raw", "repo", "serial"]
-                order = order[run % 3:] + order[:run % 3]
                 timed: dict[str, float] = {}
                 for name in order:
                     if name == "raw":
@@ -228,6 +260,9 @@ async def fill(url: str, rows: int, now: datetime, days: int = 30,
                 pass
             if day % 10 == 9:
                 log(f"  {per_day * (day + 1):,} rows")
+        # The coarse tiers up to where a collector's roll-up would have them now.
+        await connection.fetchval(
+            _sql.ROLL_UP, now.replace(second=0, microsecond=0) - ROLL_UP_LAG)
         await connection.execute("VACUUM ANALYZE")
     finally:
         await connection.close()

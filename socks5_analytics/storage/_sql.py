@@ -164,13 +164,36 @@ def _upsert(rollup: Rollup, tier: str, rows: str) -> str:
     )
 
 
-def with_tiers(rollup: Rollup, facts: str) -> str:
-    """CTEs that aggregate CTE `facts` once and add the result to every tier of `rollup`."""
+# The deferred families' coarse tiers (hour, day, week, and the domain ranking tiers) hold
+# exactly the minutes before this moment (migration 0006); their minute tier holds every
+# minute. The roll-up (ROLL_UP) moves it forward.
+WATERMARK_TABLE = "rollup_watermark"
+ROLLED_UNTIL = f"(SELECT rolled_until FROM {WATERMARK_TABLE})"
+
+
+def with_tiers(rollup: Rollup, facts: str, *, coarse_before_watermark: bool = False) -> str:
+    """CTEs that aggregate CTE `facts` once and add the result to every tier of `rollup`.
+
+    With `coarse_before_watermark`, only the minutes before the roll-up's watermark go into
+    the coarse tiers too (CTE `<table>_late`); the rest waits in the minute tier for ROLL_UP.
+    """
     name = rollup.table
     parts = [f"{name}_rows AS (\n    {_aggregate(rollup, facts)}\n)"]
-    parts += [f"{name}_{tier}_upsert AS (\n    {_upsert(rollup, tier, f'{name}_rows')}\n)"
+    coarse = f"{name}_rows"
+    if coarse_before_watermark:
+        coarse = f"{name}_late"
+        parts.append(f"{coarse} AS (\n    SELECT * FROM {name}_rows "
+                     f"WHERE bucket < {ROLLED_UNTIL}\n)")
+    parts += [f"{name}_{tier}_upsert AS (\n"
+              f"    {_upsert(rollup, tier, f'{name}_rows' if tier == 'minute' else coarse)}\n)"
               for tier in rollup.tiers]
     return ",\n".join(parts)
+
+
+def _coarse_upserts(rollup: Rollup, rows: str) -> str:
+    """CTEs that add CTE `rows` (minute rows of `rollup`) to its coarse tiers."""
+    return ",\n".join(f"{rollup.table}_{tier}_upsert AS (\n    {_upsert(rollup, tier, rows)}\n)"
+                       for tier in rollup.tiers if tier != "minute")
 
 
 _RANK_BUCKET = {"quarter": "date_bin('6 hours', bucket, TIMESTAMPTZ '2000-01-01 00:00+00')",
@@ -388,10 +411,37 @@ facts AS (
     FROM taken WHERE ended_bucket <> started_bucket AND (bytes_in > 0 OR bytes_out > 0)
                      AND ended_bucket >= (SELECT since FROM kept)
 ),
-{with_tiers(DOMAINS, "facts")},
-{with_domain_ranks("rollup_domains_rows")},
-{with_tiers(CLIENTS, "facts")}
+{with_tiers(DOMAINS, "facts", coarse_before_watermark=True)},
+{with_domain_ranks("rollup_domains_late")},
+{with_tiers(CLIENTS, "facts", coarse_before_watermark=True)}
 SELECT count(*) FROM taken
+"""
+
+
+def _minute_rows(rollup: Rollup) -> str:
+    return (f"{rollup.table}_rows AS (\n"
+            f"    SELECT {', '.join(rollup.row_columns)} FROM {rollup.table}\n"
+            f"    WHERE bucket >= (SELECT at FROM since) AND bucket < $1\n)")
+
+
+# Adds the minutes in [watermark, $1) of the deferred families' minute tiers to their coarse
+# tiers and moves the watermark to $1 (never back), in the caller's transaction, under the
+# roll-forward lock: a minute is counted in a coarse tier by exactly one of the roll-forward
+# (before the watermark) and this (after it). Returns the watermark now. Each key's coarse
+# rows are written once per roll-up, where the roll-forward would write them once per chunk.
+ROLL_UP = f"""
+WITH since AS (
+    SELECT rolled_until AS at FROM {WATERMARK_TABLE}
+),
+moved AS (
+    UPDATE {WATERMARK_TABLE} SET rolled_until = $1 WHERE rolled_until < $1
+),
+{_minute_rows(DOMAINS)},
+{_coarse_upserts(DOMAINS, "rollup_domains_rows")},
+{with_domain_ranks("rollup_domains_rows")},
+{_minute_rows(CLIENTS)},
+{_coarse_upserts(CLIENTS, "rollup_clients_rows")}
+SELECT greatest((SELECT at FROM since), $1::timestamptz)
 """
 
 # Run first in a ranking's transaction. Ranks one hash aggregate over at most a few hundred

@@ -104,6 +104,12 @@ _ROLL_FORWARD_DELAY = 1.0
 # has left some 30 MB of dead rows (a scan of the empty queue took 17 ms). So a roll-forward
 # vacuums it (without truncating: its pages are reused) after this many rows were taken.
 _VACUUM_QUEUE_ROWS = 20_000
+# The coarse tiers of the domain and client rollups are rolled up from the minute tier up
+# to this long before the time now (after a roll-forward, at most once a minute): a
+# connection counts in the minute it started, and most of a minute's connections have
+# ended (and been sent) this long after it. A later one still goes into every tier at
+# once, as before; readers take the minutes since the watermark from the minute tier.
+ROLL_UP_LAG = timedelta(minutes=5)
 
 
 def _event_record(e: StoredEvent) -> tuple[Any, ...]:
@@ -284,9 +290,10 @@ def _rollup_source(
     """A FROM item with `rollup`'s rows for [since, until) that match the filters.
 
     Whole days come from the daily tier, whole hours from the hourly one, the rest from the
-    minutes (`tiers.split_window`); a deferred family adds what is still queued. One
-    statement, so one snapshot: a roll-forward that commits meanwhile moves rows from the
-    queue to the tiers without their being counted twice or missed.
+    minutes (`tiers.split_window`); a deferred family takes the minutes since the roll-up's
+    watermark from its minute tier and adds what is still queued. One statement, so one
+    snapshot: a roll-forward or roll-up that commits meanwhile moves rows between the queue
+    and the tiers without their being counted twice or missed.
 
     With `sums_as_of` (the time now), a partial hour, day or week at an end may be read as
     its whole bucket less the rest of it (`tiers.split_window_for_sums`): fewer rows, exact
@@ -326,8 +333,14 @@ def _rollup_source(
         column if column in keys
         else "NULL::double precision" if column == "connect_ms_max" else f"-{column}"
         for column in columns)
+    # A deferred family's coarse tiers hold only the minutes before the roll-up's watermark:
+    # the minutes from it on are read from the minute tier, once, for the whole window, and
+    # no piece of minutes reads them again. (Coarse pieces hold nothing from there on.)
+    rolled_up = rollup.deferred and any(piece.tier != "minute" for piece in pieces)
     for piece in pieces:
         start, end = where.param(piece.start), where.param(piece.end)
+        if rolled_up and piece.tier == "minute":
+            end = f"least({end}, {_sql.ROLLED_UNTIL})"
         branch = (f"SELECT {selected if piece.sign > 0 else negated} FROM {{table}} "
                   f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
 
@@ -347,6 +360,11 @@ def _rollup_source(
                         + f" AND {_sql.OLDEST_DAY} <= {start}")
         branches.append(branch.format(table=table("day")) + points("day")
                         + f" AND {_sql.OLDEST_DAY} > {start}")
+    if rolled_up:
+        start, end = where.param(since), where.param(until)
+        branches.append(f"SELECT {selected} FROM {table('minute')} "
+                        f"WHERE bucket >= greatest({start}, {_sql.ROLLED_UNTIL}) "
+                        f"AND bucket < {end} AND {filters}")
     if rollup.deferred and since < until:
         start, end = where.param(since), where.param(until)
         branches.append(f"SELECT {selected} FROM ({_sql.queue_rows(rollup)}) "
@@ -424,8 +442,13 @@ class Repository:
         self._roll_timer: asyncio.TimerHandle | None = None
         self._pending_rows = 0  # queued by this process since its last roll-forward began
         self._rolled_since_vacuum = 0  # queue rows this process took since it vacuumed it
-        # The time now, for choosing the cheapest tiers of a ranking (tests set it).
+        # The time now, for choosing the cheapest tiers of a ranking and for the roll-up
+        # (tests set it).
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        # How far behind the time now a roll-forward rolls the coarse tiers up (None: only
+        # `roll_up` and maintenance do; tests and benchmarks set it).
+        self.roll_up_lag: timedelta | None = ROLL_UP_LAG
+        self._rolled_until: datetime | None = None  # the watermark, as last seen here
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -722,7 +745,9 @@ class Repository:
             return
 
     async def roll_forward(self, *, wait: bool = True) -> int:
-        """Move every queued domain and client delta into their minute, hour and day rollups.
+        """Move every queued domain and client delta into their minute tiers (and into the
+        coarse tiers, for minutes already rolled up), then roll the coarse tiers up to
+        `roll_up_lag` before now if they are a minute or more behind that.
 
         Each chunk is one transaction (DELETE ... RETURNING, then the upserts), so a row is
         counted in every tier exactly once, whichever of several collectors takes it. Only
@@ -747,7 +772,34 @@ class Repository:
             if self._rolled_since_vacuum >= _VACUUM_QUEUE_ROWS:
                 self._rolled_since_vacuum = 0
                 await self._vacuum_queue(connection)
+            if self.roll_up_lag is not None:
+                target = _floor_minute(self.clock()) - self.roll_up_lag
+                if self._rolled_until is None or target > self._rolled_until:
+                    await self._roll_up(connection, target, wait=wait)
         return taken
+
+    async def roll_up(self, *, until: datetime | None = None) -> datetime:
+        """Fill the coarse tiers (hour, day, week, the domain ranking tiers) from the minute
+        tiers up to `until` (a whole minute; default: `roll_up_lag` before now) and return
+        the watermark: the coarse tiers hold exactly the minutes before it. It never moves
+        back, and readers' answers never change by it; only which tier holds a minute."""
+        if until is None:
+            until = _floor_minute(self.clock()) - (self.roll_up_lag or ROLL_UP_LAG)
+        if until.utcoffset() is None or until.second or until.microsecond:
+            raise ValueError(f"until must be a timezone-aware whole minute, got {until}")
+        async with self._connection() as connection:
+            return await self._roll_up(connection, until, wait=True)
+
+    async def _roll_up(self, connection: asyncpg.Connection, until: datetime, *,
+                       wait: bool) -> datetime:
+        async with connection.transaction():
+            if wait:
+                await connection.execute(_sql.WAIT_ROLL_FORWARD_LOCK)
+            elif not await connection.fetchval(_sql.TRY_ROLL_FORWARD_LOCK):
+                return self._rolled_until or until
+            watermark: datetime = await connection.fetchval(_sql.ROLL_UP, until)
+        self._rolled_until = watermark
+        return watermark
 
     @staticmethod
     async def _vacuum_queue(connection: asyncpg.Connection) -> None:

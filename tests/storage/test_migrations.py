@@ -122,6 +122,12 @@ def test_application_constants_match_the_migration() -> None:
     assert set(ranks.WEEKLY_0003) == set(weekly.WEEKLY)
     assert set(ranks.WEEKLY) == app_schema.WEEKLY_TABLES
     assert set(ranks.DAILY + ranks.WEEKLY) == set(app_schema.PARTITIONED_TABLES)
+    watermark = _migration_module("0006")
+    assert watermark.LATENCY_COLUMNS == app_schema.LATENCY_COLUMNS
+    assert set(watermark.RANKS) | {f"{table}_{tier}" for table, (_, tiers)
+                                   in watermark.FAMILIES.items() for tier in tiers} == {
+        name for name in app_schema.PARTITIONED_TABLES
+        if name.startswith(("rollup_domain", "rollup_clients_")) and name != "rollup_domains"}
 
 
 def test_offline_sql_renders() -> None:
@@ -318,4 +324,76 @@ async def test_0005_adds_bigints_as_bigints(empty_database_url: str) -> None:
         await downgrade(empty_database_url, "0004")
         assert await connection.fetchval("SELECT to_regprocedure('s5a_isum(bigint)')") is None
     finally:
+        await connection.close()
+
+
+# Each coarse tier of the deferred families, and what its rows sum from the minute tier.
+_COARSE = {
+    "rollup_domains_hour": ("rollup_domains", "date_trunc('hour', bucket)", "domain, status"),
+    "rollup_domains_week": ("rollup_domains", "date_trunc('week', bucket)", "domain, status"),
+    "rollup_domain_ranks_quarter": (
+        "rollup_domains", "date_bin('6 hours', bucket, TIMESTAMPTZ '2000-01-01 00:00+00')",
+        "domain"),
+    "rollup_clients_day": ("rollup_clients", "date_trunc('day', bucket)",
+                           "source_ip, user_name, status"),
+}
+
+
+async def _coarse_differences(connection: asyncpg.Connection) -> dict[str, int]:
+    """Rows in which each coarse tier differs from its minute tier summed into buckets."""
+    differences = {}
+    for table, (minutes, bucket, keys) in _COARSE.items():
+        measures = "connections, bytes_in, bytes_out, connect_count"
+        summed = ", ".join(f"sum({m})::bigint" for m in measures.split(", "))
+        differences[table] = await connection.fetchval(
+            f"SELECT count(*) FROM ((SELECT bucket, {keys}, {measures} FROM {table} "
+            f"EXCEPT SELECT {bucket}, {keys}, {summed} FROM {minutes} GROUP BY 1, {keys}) "
+            f"UNION ALL (SELECT {bucket}, {keys}, {summed} FROM {minutes} GROUP BY 1, {keys} "
+            f"EXCEPT SELECT bucket, {keys}, {measures} FROM {table})) AS d")
+    return differences
+
+
+async def test_0006_watermark_round_trip(empty_database_url: str) -> None:
+    """0006 starts the watermark after the last minute stored (minus infinity for none);
+    downgrading to 0005 first rolls every minute from the watermark on into the coarse
+    tiers, which then equal their minute tiers summed, as 0005's code expects; upgrading
+    again answers as before."""
+    from datetime import timedelta
+
+    from storage_data import NOW, make_event
+
+    from socks5_analytics.storage import StatsFilter
+
+    await upgrade(empty_database_url, "0006")
+    connection = await asyncpg.connect(empty_database_url, server_settings={"timezone": "UTC"})
+    repo = await Repository.open(url=empty_database_url)
+    try:
+        assert await connection.fetchval(
+            "SELECT rolled_until = '-infinity' FROM rollup_watermark")
+        repo.roll_up_lag = None
+        events = [make_event(started_at=NOW - timedelta(minutes=7 * n), domain=f"d{n % 3}.example",
+                             registered_domain=f"d{n % 3}.example", bytes_in=100 * n)
+                  for n in range(60)]  # seven hours, one every 7 minutes
+        await repo.insert_batch(events=events, now=NOW)
+        await repo.roll_forward()
+        watermark = (NOW - timedelta(hours=3)).replace(second=0, microsecond=0)
+        assert await repo.roll_up(until=watermark) == watermark
+        flt = StatsFilter(since=NOW - timedelta(hours=8), until=NOW + timedelta(minutes=1))
+        before = (await repo.top_domains(flt=flt), await repo.top_users(flt=flt))
+        assert sum(d.connections for d in before[0].items) == 60
+        assert all((await _coarse_differences(connection)).values())  # minutes not rolled up
+        await repo.close()
+
+        await downgrade(empty_database_url, "0005")
+        assert await connection.fetchval("SELECT to_regclass('rollup_watermark')") is None
+        assert await _coarse_differences(connection) == dict.fromkeys(_COARSE, 0)
+
+        await upgrade(empty_database_url, "0006")
+        last = await connection.fetchval("SELECT max(bucket) FROM rollup_domains")
+        assert await connection.fetchval(
+            "SELECT rolled_until FROM rollup_watermark") == last + timedelta(minutes=1)
+        repo = await Repository.open(url=empty_database_url)
+        assert (await repo.top_domains(flt=flt), await repo.top_users(flt=flt)) == before
+    finally:
+        await repo.close()
         await connection.close()

@@ -28,6 +28,7 @@ import pytest
 from storage_data import NOW, make_event, make_interim
 
 from socks5_analytics.storage import InterimReport, Repository, StatsFilter, StoredEvent
+from socks5_analytics.storage.repository import ROLL_UP_LAG
 from socks5_analytics.storage.schema import LATENCY_BUCKETS_MS, LATENCY_COLUMNS
 
 Batch = tuple[list[StoredEvent], list[InterimReport]]
@@ -244,22 +245,18 @@ TIERS = {
 }
 
 
-@pytest.mark.parametrize(("seed", "days"), [(1, 2), (2, 2), (3, 2), (8, 20)])
-async def test_rollups_equal_brute_force(seed: int, days: int, repo: Repository,
-                                         db: asyncpg.Connection) -> None:
-    rng = random.Random(seed)
-    model = Model()
-    for events, interims in _random_traffic(rng, connections=800, window=days * 86400):
-        await repo.insert_batch(events=events, interims=interims, now=NOW)
-        model.apply(events, interims)
-    await repo.roll_forward()
-    assert await repo.queue_length() == 0
-
+async def _check_tiers(db: asyncpg.Connection, model: Model, rolled_until: datetime) -> None:
+    """Every tier of every family equals the model: the minute tiers and the totals every
+    minute, the domain and client families' coarse tiers the minutes before `rolled_until`
+    (the roll-up's watermark), summed into their buckets."""
     for family, keys in KEYS.items():
         for tier in TIERS[family]:
             table = family if tier == "minute" else f"{family}_{tier}"
+            minutes = model.tables[family]
+            if tier != "minute" and family != "rollup_totals":
+                minutes = {k: m for k, m in minutes.items() if k[0] < rolled_until}
             actual = await _rollup_rows(db, table, keys)
-            expected = _coarsen(model.tables[family], tier)
+            expected = _coarsen(minutes, tier)
             assert set(actual) == set(expected), table
             wrong = [key for key in expected if not _same(expected[key], actual[key])]
             assert not wrong, (table, wrong[:3])
@@ -272,12 +269,37 @@ async def test_rollups_equal_brute_force(seed: int, days: int, repo: Repository,
             row["connect_ms_sum"]) for row in rows}
         expected_ranks: dict[tuple[Any, ...], Measures] = defaultdict(Measures)
         for (bucket, domain, _), measures in model.tables["rollup_domains"].items():
-            expected_ranks[(_truncate(bucket, tier), domain)].merge(measures)
+            if bucket < rolled_until:
+                expected_ranks[(_truncate(bucket, tier), domain)].merge(measures)
         assert set(actual_ranks) == set(expected_ranks), tier
         for key, m in expected_ranks.items():
             got = actual_ranks[key]
             assert got[:4] == (m.connections, m.bytes_in, m.bytes_out, m.connect_count), key
             assert math.isclose(got[4], m.connect_ms_sum, rel_tol=1e-9, abs_tol=1e-9), key
+
+
+@pytest.mark.parametrize(("seed", "days"), [(1, 2), (2, 2), (3, 2), (8, 20)])
+async def test_rollups_equal_brute_force(seed: int, days: int, repo: Repository,
+                                         db: asyncpg.Connection) -> None:
+    rng = random.Random(seed)
+    model = Model()
+    # The roll-up to a random minute halfway: later facts fall on both sides of it.
+    repo.roll_up_lag = None
+    batches = _random_traffic(rng, connections=800, window=days * 86400)
+    watermark = _minute(NOW - timedelta(seconds=rng.uniform(0, days * 86400)))
+    for number, (events, interims) in enumerate(batches):
+        await repo.insert_batch(events=events, interims=interims, now=NOW)
+        model.apply(events, interims)
+        if number == len(batches) // 2:
+            await repo.roll_forward()
+            assert await repo.roll_up(until=watermark) == watermark
+    await repo.roll_forward()
+    assert await repo.queue_length() == 0
+    await _check_tiers(db, model, watermark)
+
+    everything = _minute(NOW) + timedelta(hours=1)
+    assert await repo.roll_up(until=everything) == everything
+    await _check_tiers(db, model, everything)
 
     # Connections and latency histograms equal those of the raw rows, minute by minute.
     raw = await db.fetch(
@@ -377,6 +399,9 @@ async def test_tiered_queries_equal_the_minute_model(seed: int, days: int,
     # Rankings choose their tiers by what is after now (free: nothing stored there yet);
     # a window that ends after NOW reads the partial day and week whole, less the rest.
     repo.clock = lambda: NOW + timedelta(minutes=1)
+    # The coarse tiers rolled up to a random minute: windows read the minutes after it
+    # from the minute tiers, whichever tiers their pieces are.
+    repo.roll_up_lag = None
     batches = _random_traffic(rng, connections=600 if days < 14 else 1500,
                               window=days * 86400)
     half = len(batches) // 2
@@ -385,6 +410,8 @@ async def test_tiered_queries_equal_the_minute_model(seed: int, days: int,
         model.apply(events, interims)
         if number == half:
             await repo.roll_forward()  # the older half in the tiers, the rest still queued
+            await repo.roll_up(until=_minute(NOW - timedelta(
+                seconds=rng.uniform(0, days * 86400))))
     assert await repo.queue_length() > 0, "the test should read some rows from the queue"
 
     for since, until in _ragged_windows(rng, days):
@@ -522,3 +549,34 @@ async def test_rankings_stay_exact_beyond_what_a_double_holds(huge: bool,
     page = await repo.top_domains(flt=flt, sort="bytes")
     assert [(d.domain, d.bytes_total, d.connections) for d in page.items] == [
         ("b.example", base + 1, 2), ("a.example", base, 1)]
+
+
+async def test_the_roll_up_follows_the_clock_and_never_goes_back(
+        repo: Repository, db: asyncpg.Connection) -> None:
+    """A roll-forward rolls the coarse tiers up to ROLL_UP_LAG before now: a minute before
+    that is in the hourly tier, a later one only in the minutes, and a query counts both.
+    A roll-up to an earlier minute changes nothing; a time that is not a whole, aware
+    minute is refused."""
+    repo.clock = lambda: NOW
+    early = make_event(started_at=NOW - timedelta(minutes=20))
+    recent = make_event(started_at=NOW - timedelta(minutes=3))
+    await repo.insert_batch(events=[early, recent], now=NOW)
+    await repo.roll_forward()
+    watermark = _minute(NOW) - ROLL_UP_LAG
+    assert await db.fetchval("SELECT rolled_until FROM rollup_watermark") == watermark
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_domains_hour") == 1
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_domains") == 2
+    assert await repo.roll_up(until=watermark - timedelta(minutes=10)) == watermark
+    assert await db.fetchval("SELECT rolled_until FROM rollup_watermark") == watermark
+    with pytest.raises(ValueError, match="whole minute"):
+        await repo.roll_up(until=NOW)
+    with pytest.raises(ValueError, match="whole minute"):
+        await repo.roll_up(until=_minute(NOW).replace(tzinfo=None))
+    hour = StatsFilter(since=_minute(NOW) - timedelta(hours=1), until=_minute(NOW))
+    assert [(d.domain, d.connections) for d in (await repo.top_domains(flt=hour)).items] == [
+        ("www.example.com", 2)]
+    # A fact older than the watermark goes into the coarse tiers at once.
+    await repo.insert_batch(events=[make_event(started_at=NOW - timedelta(minutes=40))],
+                            now=NOW)
+    await repo.roll_forward()
+    assert await db.fetchval("SELECT sum(connections) FROM rollup_domains_hour") == 2
