@@ -70,3 +70,11 @@ def stored_event(started_at: datetime, **changes: Any) -> StoredEvent:
     }
     fields.update(changes)
     return StoredEvent(**fields)
+
+
+async def counted_connections(db: Any) -> int:
+    """Connections the totals count: rolled forward into the minute tier, or still queued
+    (a batch's rollups are rolled forward after its commit, in the background)."""
+    return int(await db.fetchval(
+        "SELECT (SELECT coalesce(sum(connections), 0) FROM rollup_totals) + "
+        "(SELECT count(*) FROM rollup_queue WHERE node_id IS NOT NULL AND connections > 0)"))

@@ -61,7 +61,10 @@ class Rollup:
         return ("bucket", *self.keys, *(column for column, _, _ in self.extra), *_MEASURES)
 
 
-TOTALS = Rollup("rollup_totals", ("node_id", "status"), frozenset({"node", "status"}))
+# Queue rows from before migration 0006 have no node: the insert had added them to the
+# totals already.
+TOTALS = Rollup("rollup_totals", ("node_id", "status"), frozenset({"node", "status"}),
+                where="node_id IS NOT NULL", deferred=True)
 DOMAINS = Rollup(
     "rollup_domains",
     ("domain", "status"),
@@ -217,7 +220,7 @@ def with_domain_ranks(rows: str) -> str:
         for tier, table in DOMAIN_RANK_TABLES.items())
 
 
-_QUEUE_COLUMNS = ("started_bucket, ended_bucket, source_ip, user_name, domain, "
+_QUEUE_COLUMNS = ("started_bucket, ended_bucket, node_id, source_ip, user_name, domain, "
                   "registered_domain, status, connections, connect_ms, bytes_in, bytes_out")
 
 
@@ -246,9 +249,8 @@ def queue_rows(rollup: Rollup) -> str:
 # The final events of a batch, staged by COPY: the rows that are new (ON CONFLICT skips the
 # ones already stored, which makes a retried batch a no-op) go into traffic_logs, and only
 # those rows feed the rollups. A connection counts in the minute it started; its bytes, less
-# what interim reports already put into the rollups, in the minute it ended. The totals
-# (a few rows per batch) are added to every tier here; the domain and client rollups get one
-# queue row per new event, rolled forward later (ROLL_FORWARD).
+# what interim reports already put into the rollups, in the minute it ended. Every rollup
+# gets one queue row per new event, rolled forward later (ROLL_FORWARD).
 INSERT_EVENTS = f"""
 WITH inserted AS (
     INSERT INTO traffic_logs ({_EVENT_LIST})
@@ -267,19 +269,11 @@ remainder AS (
            greatest(i.bytes_out - coalesce(p.bytes_out, 0), 0) AS rest_out
     FROM inserted i LEFT JOIN progress p ON p.event_id = i.event_id
 ),
-facts AS (
-    SELECT date_trunc('minute', started_at) AS bucket, node_id, status, 1::bigint AS connections,
-           0::bigint AS bytes_in, 0::bigint AS bytes_out, connect_ms
-    FROM inserted
-    UNION ALL
-    SELECT date_trunc('minute', ended_at), node_id, status, 0, rest_in, rest_out, NULL
-    FROM remainder WHERE rest_in > 0 OR rest_out > 0
-),
-{with_tiers(TOTALS, "facts")},
 queued AS (
     INSERT INTO rollup_queue ({_QUEUE_COLUMNS})
-    SELECT date_trunc('minute', started_at), date_trunc('minute', ended_at), source_ip,
-           user_name, domain, registered_domain, status, 1, connect_ms, rest_in, rest_out
+    SELECT date_trunc('minute', started_at), date_trunc('minute', ended_at), node_id,
+           source_ip, user_name, domain, registered_domain, status, 1, connect_ms, rest_in,
+           rest_out
     FROM remainder
 )
 SELECT count(*) FROM inserted
@@ -346,11 +340,10 @@ facts AS (
            NULL::double precision AS connect_ms
     FROM steps WHERE bytes_in > seen_in OR bytes_out > seen_out
 ),
-{with_tiers(TOTALS, "facts")},
 queued AS (
     INSERT INTO rollup_queue ({_QUEUE_COLUMNS})
-    SELECT bucket, bucket, source_ip, user_name, domain, registered_domain, status, 0, NULL,
-           bytes_in, bytes_out
+    SELECT bucket, bucket, node_id, source_ip, user_name, domain, registered_domain, status,
+           0, NULL, bytes_in, bytes_out
     FROM facts
 )
 SELECT count(*) FROM live
@@ -376,9 +369,10 @@ OLDEST_DAY = (
     "WHERE i.inhparent = 'rollup_domains_day'::regclass AND NOT i.inhdetachpending)"
 )
 
-# Takes up to $1 queued rows and adds them to every tier of the deferred rollups, all in the
-# caller's transaction: a row is either still queued or in every tier, never both. A row
-# whose connection started and ended in one minute is one fact there, else two. Facts
+# Takes up to $1 queued rows and adds them to the minute tier of every rollup (and to its
+# coarse tiers, for minutes before the roll-up's watermark), all in the caller's
+# transaction: a row is either still queued or in the tiers, never both. A row whose
+# connection started and ended in one minute is one fact there, else two. Facts
 # dated before the oldest day that every tier still has (retention dropped the day while
 # they were queued) are dropped with their day.
 ROLL_FORWARD = f"""
@@ -399,18 +393,19 @@ kept AS (
     ) AS per_table
 ),
 facts AS (
-    SELECT started_bucket AS bucket, source_ip, user_name, domain, registered_domain, status,
-           connections::bigint AS connections,
+    SELECT started_bucket AS bucket, node_id, source_ip, user_name, domain,
+           registered_domain, status, connections::bigint AS connections,
            CASE WHEN same THEN bytes_in ELSE 0 END AS bytes_in,
            CASE WHEN same THEN bytes_out ELSE 0 END AS bytes_out, connect_ms
     FROM (SELECT *, ended_bucket = started_bucket AS same FROM taken) AS t
     WHERE (connections > 0 OR same) AND started_bucket >= (SELECT since FROM kept)
     UNION ALL
-    SELECT ended_bucket, source_ip, user_name, domain, registered_domain, status, 0,
-           bytes_in, bytes_out, NULL
+    SELECT ended_bucket, node_id, source_ip, user_name, domain, registered_domain, status,
+           0, bytes_in, bytes_out, NULL
     FROM taken WHERE ended_bucket <> started_bucket AND (bytes_in > 0 OR bytes_out > 0)
                      AND ended_bucket >= (SELECT since FROM kept)
 ),
+{with_tiers(TOTALS, "facts", coarse_before_watermark=True)},
 {with_tiers(DOMAINS, "facts", coarse_before_watermark=True)},
 {with_domain_ranks("rollup_domains_late")},
 {with_tiers(CLIENTS, "facts", coarse_before_watermark=True)}
@@ -436,6 +431,8 @@ WITH since AS (
 moved AS (
     UPDATE {WATERMARK_TABLE} SET rolled_until = $1 WHERE rolled_until < $1
 ),
+{_minute_rows(TOTALS)},
+{_coarse_upserts(TOTALS, "rollup_totals_rows")},
 {_minute_rows(DOMAINS)},
 {_coarse_upserts(DOMAINS, "rollup_domains_rows")},
 {with_domain_ranks("rollup_domains_rows")},
@@ -449,14 +446,19 @@ SELECT greatest((SELECT at FROM since), $1::timestamptz)
 # than they save (10 M events, 24 h: 46-50 ms serial, 80-110 ms with 2 workers, 2 busy
 # cores). Answers whether the ranking may sum its integers (connections, bytes, measured
 # connections) as doubles: it may when the connections and bytes stored add up to less
-# than 2^51 (every event and interim report is in the daily totals tier, queued ones
-# too). A ranking reads each stored minute through at most 4 signed pieces (a week, less a
-# day, plus an hour, less a minute), so every partial sum it makes is then an integer of
+# than 2^51 (every event and interim report is in the daily totals tier, the minute tier
+# from the roll-up's watermark on, or the queue). A ranking reads each stored minute
+# through at most 4 signed pieces (a week, less a day, plus an hour, less a minute), so
+# every partial sum it makes is then an integer of
 # magnitude under 2^53, which a double holds exactly; else the sums stay numeric.
-RANKING_SETUP = """
+RANKING_SETUP = f"""
 SELECT set_config('max_parallel_workers_per_gather', '0', true) IS NOT NULL
    AND coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
-                 FROM rollup_totals_day), 0) < 2 ^ 51
+                 FROM rollup_totals_day), 0)
+     + coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
+                 FROM rollup_totals WHERE bucket >= {ROLLED_UNTIL}), 0)
+     + coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
+                 FROM rollup_queue), 0) < 2 ^ 51
 """
 
 QUEUE_LENGTH = "SELECT count(*) FROM rollup_queue"

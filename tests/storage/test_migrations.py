@@ -127,7 +127,8 @@ def test_application_constants_match_the_migration() -> None:
     assert set(watermark.RANKS) | {f"{table}_{tier}" for table, (_, tiers)
                                    in watermark.FAMILIES.items() for tier in tiers} == {
         name for name in app_schema.PARTITIONED_TABLES
-        if name.startswith(("rollup_domain", "rollup_clients_")) and name != "rollup_domains"}
+        if name.startswith("rollup_") and name not in (
+            "rollup_totals", "rollup_domains", "rollup_clients")}
 
 
 def test_offline_sql_renders() -> None:
@@ -370,7 +371,7 @@ async def test_0006_watermark_round_trip(empty_database_url: str) -> None:
     try:
         assert await connection.fetchval(
             "SELECT rolled_until = '-infinity' FROM rollup_watermark")
-        repo.roll_up_lag = None
+        repo.roll_up_lag, repo.auto_roll_forward = None, False
         events = [make_event(started_at=NOW - timedelta(minutes=7 * n), domain=f"d{n % 3}.example",
                              registered_domain=f"d{n % 3}.example", bytes_in=100 * n)
                   for n in range(60)]  # seven hours, one every 7 minutes
@@ -378,22 +379,43 @@ async def test_0006_watermark_round_trip(empty_database_url: str) -> None:
         await repo.roll_forward()
         watermark = (NOW - timedelta(hours=3)).replace(second=0, microsecond=0)
         assert await repo.roll_up(until=watermark) == watermark
+        # And some still queued: their totals too are only in the queue.
+        queued = [make_event(started_at=NOW - timedelta(minutes=n), bytes_in=n)
+                  for n in range(1, 11)]
+        await repo.insert_batch(events=queued, now=NOW)
+        assert await repo.queue_length() == 10
         flt = StatsFilter(since=NOW - timedelta(hours=8), until=NOW + timedelta(minutes=1))
-        before = (await repo.top_domains(flt=flt), await repo.top_users(flt=flt))
-        assert sum(d.connections for d in before[0].items) == 60
+
+        async def answers(repo: Repository) -> tuple[object, ...]:
+            return (await repo.top_domains(flt=flt), await repo.top_users(flt=flt),
+                    await repo.statuses(flt=flt), await repo.traffic(flt=flt, interval="1h"))
+
+        before = await answers(repo)
+        assert sum(d.connections for d in before[0].items) == 70
+        assert sum(s.connections for s in before[2].items) == 70
         assert all((await _coarse_differences(connection)).values())  # minutes not rolled up
         await repo.close()
 
         await downgrade(empty_database_url, "0005")
         assert await connection.fetchval("SELECT to_regclass('rollup_watermark')") is None
         assert await _coarse_differences(connection) == dict.fromkeys(_COARSE, 0)
+        # 0005's totals hold every stored event, queued ones too, in every tier.
+        for table in ("rollup_totals", "rollup_totals_hour", "rollup_totals_day"):
+            assert await connection.fetchval(f"SELECT sum(connections) FROM {table}") == 70
+            assert await connection.fetchval(f"SELECT sum(bytes_in) FROM {table}") == (
+                await connection.fetchval("SELECT sum(bytes_in) FROM traffic_logs"))
+        assert await connection.fetchval("SELECT count(*) FROM rollup_queue") == 10
 
+        # Upgrading again: the rows queued under 0005 are in its totals already.
         await upgrade(empty_database_url, "0006")
-        last = await connection.fetchval("SELECT max(bucket) FROM rollup_domains")
+        last = await connection.fetchval("SELECT max(bucket) FROM rollup_totals")
         assert await connection.fetchval(
             "SELECT rolled_until FROM rollup_watermark") == last + timedelta(minutes=1)
         repo = await Repository.open(url=empty_database_url)
-        assert (await repo.top_domains(flt=flt), await repo.top_users(flt=flt)) == before
+        assert await answers(repo) == before
+        await repo.roll_forward()
+        assert await repo.queue_length() == 0
+        assert await answers(repo) == before
     finally:
         await repo.close()
         await connection.close()

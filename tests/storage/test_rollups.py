@@ -246,14 +246,14 @@ TIERS = {
 
 
 async def _check_tiers(db: asyncpg.Connection, model: Model, rolled_until: datetime) -> None:
-    """Every tier of every family equals the model: the minute tiers and the totals every
-    minute, the domain and client families' coarse tiers the minutes before `rolled_until`
-    (the roll-up's watermark), summed into their buckets."""
+    """Every tier of every family equals the model: the minute tiers every minute, the
+    coarse tiers the minutes before `rolled_until` (the roll-up's watermark), summed into
+    their buckets."""
     for family, keys in KEYS.items():
         for tier in TIERS[family]:
             table = family if tier == "minute" else f"{family}_{tier}"
             minutes = model.tables[family]
-            if tier != "minute" and family != "rollup_totals":
+            if tier != "minute":
                 minutes = {k: m for k, m in minutes.items() if k[0] < rolled_until}
             actual = await _rollup_rows(db, table, keys)
             expected = _coarsen(minutes, tier)
