@@ -172,6 +172,7 @@ def _upsert(rollup: Rollup, tier: str, rows: str) -> str:
 # minute. The roll-up (ROLL_UP) moves it forward.
 WATERMARK_TABLE = "rollup_watermark"
 ROLLED_UNTIL = f"(SELECT rolled_until FROM {WATERMARK_TABLE})"
+READ_WATERMARK = f"SELECT rolled_until FROM {WATERMARK_TABLE}"
 
 
 def with_tiers(rollup: Rollup, facts: str, *, coarse_before_watermark: bool = False) -> str:
@@ -447,7 +448,8 @@ SELECT greatest((SELECT at FROM since), $1::timestamptz)
 # cores). Answers whether the ranking may sum its integers (connections, bytes, measured
 # connections) as doubles: it may when the connections and bytes stored add up to less
 # than 2^51 (every event and interim report is in the daily totals tier, the minute tier
-# from the roll-up's watermark on, or the queue). A ranking reads each stored minute
+# from the roll-up's watermark on, or the queue; $1, a watermark once seen, spares planning
+# the minute partitions before it). A ranking reads each stored minute
 # through at most 4 signed pieces (a week, less a day, plus an hour, less a minute), so
 # every partial sum it makes is then an integer of
 # magnitude under 2^53, which a double holds exactly; else the sums stay numeric.
@@ -456,7 +458,7 @@ SELECT set_config('max_parallel_workers_per_gather', '0', true) IS NOT NULL
    AND coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
                  FROM rollup_totals_day), 0)
      + coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
-                 FROM rollup_totals WHERE bucket >= {ROLLED_UNTIL}), 0)
+                 FROM rollup_totals WHERE bucket >= {ROLLED_UNTIL} AND bucket >= $1), 0)
      + coalesce((SELECT sum(connections) + sum(bytes_in) + sum(bytes_out)
                  FROM rollup_queue), 0) < 2 ^ 51
 """

@@ -31,6 +31,7 @@ import binascii
 import contextlib
 import math
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -110,6 +111,10 @@ _VACUUM_QUEUE_ROWS = 20_000
 # ended (and been sent) this long after it. A later one still goes into every tier at
 # once, as before; readers take the minutes since the watermark from the minute tier.
 ROLL_UP_LAG = timedelta(minutes=5)
+# A reader that does not roll up (the API) reads the watermark at most this often (seconds):
+# any value once seen stays a lower bound, since it never moves back.
+_WATERMARK_READ_EVERY = 30.0
+_NEVER = datetime(1, 1, 1, tzinfo=UTC)  # a watermark floor that bounds nothing
 
 
 def _event_record(e: StoredEvent) -> tuple[Any, ...]:
@@ -285,7 +290,7 @@ def _rollup_source(
     rollup: _sql.Rollup, flt: StatsFilter, since: datetime, until: datetime, where: _Where,
     *, coarsest: Tier = "week", condition: str | None = None,
     sums_as_of: datetime | None = None, select: tuple[str, ...] | None = None,
-    point_lookups: bool = False,
+    point_lookups: bool = False, rolled_floor: datetime | None = None,
 ) -> str:
     """A FROM item with `rollup`'s rows for [since, until) that match the filters.
 
@@ -305,6 +310,10 @@ def _rollup_source(
     `point_lookups` (with a `condition` on a few keys) also names every hour, day and week
     bucket of the window (`bucket = ANY(...)`), so that each is one descent of the primary
     key (bucket first) per key rather than a scan of the bucket range for each key.
+
+    `rolled_floor`, a time the watermark was seen at (it never moves back), bounds the
+    minutes read from the watermark on by a constant too, so the planner skips the minute
+    partitions before it (the watermark itself is known only when the statement runs).
     """
     conditions = [f"{_RAW_COLUMN[name]} = {where.param(value)}"
                   for name, value in _active_filters(flt).items()]
@@ -340,7 +349,7 @@ def _rollup_source(
     for piece in pieces:
         start, end = where.param(piece.start), where.param(piece.end)
         if rolled_up and piece.tier == "minute":
-            end = f"least({end}, {_sql.ROLLED_UNTIL})"
+            end = f"{end} AND bucket < {_sql.ROLLED_UNTIL}"
         branch = (f"SELECT {selected if piece.sign > 0 else negated} FROM {{table}} "
                   f"WHERE bucket >= {start} AND bucket < {end} AND {filters}")
 
@@ -362,8 +371,9 @@ def _rollup_source(
                         + f" AND {_sql.OLDEST_DAY} > {start}")
     if rolled_up:
         start, end = where.param(since), where.param(until)
+        floor = f" AND bucket >= {where.param(rolled_floor)}" if rolled_floor else ""
         branches.append(f"SELECT {selected} FROM {table('minute')} "
-                        f"WHERE bucket >= greatest({start}, {_sql.ROLLED_UNTIL}) "
+                        f"WHERE bucket >= {start} AND bucket >= {_sql.ROLLED_UNTIL}{floor} "
                         f"AND bucket < {end} AND {filters}")
     if rollup.deferred and since < until:
         start, end = where.param(since), where.param(until)
@@ -449,6 +459,7 @@ class Repository:
         # `roll_up` and maintenance do; tests and benchmarks set it).
         self.roll_up_lag: timedelta | None = ROLL_UP_LAG
         self._rolled_until: datetime | None = None  # the watermark, as last seen here
+        self._watermark_read_at = -math.inf  # time.monotonic() of the last read
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -893,9 +904,24 @@ class Repository:
     # -- stats ----------------------------------------------------------------------------
 
     async def _fetch(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        await self._see_watermark()
         async with self._connection() as connection:
             rows: list[asyncpg.Record] = await connection.fetch(query, *args)
             return rows
+
+    async def _see_watermark(self) -> None:
+        """Read the roll-up's watermark now and then (`_WATERMARK_READ_EVERY`): the stats
+        queries built after it bound their minute reads by it (`rolled_floor`)."""
+        now = time.monotonic()
+        if now - self._watermark_read_at < _WATERMARK_READ_EVERY:
+            return
+        self._watermark_read_at = now
+        async with self._connection() as connection:
+            seen: datetime = await connection.fetchval(_sql.READ_WATERMARK)
+        if seen.tzinfo is None:  # minus infinity (asyncpg's datetime.min): nothing rolled up
+            return
+        if self._rolled_until is None or seen > self._rolled_until:
+            self._rolled_until = seen
 
     async def _count_after_end(self, query: str, args: Sequence[Any]) -> int:
         """The total of a page requested past its end, where the window count is absent."""
@@ -972,12 +998,14 @@ class Repository:
         only. Both statements read one repeatable-read snapshot, so they agree with each
         other as a single statement would.
         """
+        await self._see_watermark()
         first = _Where()
         # Sums only, so partial periods may be whole ones less their rest; a key is in the
         # window if anything of it is (every rollup row has a connection or bytes).
         source = _rollup_source(rollup, flt, since, until, first,
                                 sums_as_of=self.clock(),
-                                select=(column, *_sql.RANK_MEASURES))
+                                select=(column, *_sql.RANK_MEASURES),
+                                rolled_floor=self._rolled_until)
         extra = f", {measures}" if summed else ""
         grouped = (f"SELECT {column} AS key, {rank} AS rank{extra} FROM {source} "
                    f"WHERE {column} IS NOT NULL GROUP BY {column} HAVING sum(connections) <> 0 "
@@ -985,7 +1013,7 @@ class Repository:
         limit_p, offset_p = first.param(limit), first.param(offset)
         async with self._connection() as connection, connection.transaction(
                 isolation="repeatable_read", readonly=True):
-            if await connection.fetchval(_sql.RANKING_SETUP):
+            if await connection.fetchval(_sql.RANKING_SETUP, self._rolled_until or _NEVER):
                 # Every count and byte sum of this snapshot fits a double exactly (see
                 # _sql.RANKING_SETUP): sum them as doubles, ~20 % faster than as numerics.
                 grouped = _INTEGER_SUM.sub(r"sum(\1::float8)", grouped)
@@ -1006,7 +1034,8 @@ class Repository:
             # source addresses); a user's rows are spread over each bucket's addresses.
             source = _rollup_source(rollup, flt, since, until, second,
                                     condition=f"{column} = ANY({keys})",
-                                    point_lookups=column == rollup.keys[0])
+                                    point_lookups=column == rollup.keys[0],
+                                    rolled_floor=self._rolled_until)
             details = {row["key"]: row for row in await connection.fetch(
                 f"SELECT {column} AS key, {measures} FROM {source} GROUP BY {column}",
                 *second.args)}
@@ -1073,7 +1102,8 @@ class Repository:
         rollup = _choose_rollup(flt, _sql.ROLLUPS)
         if rollup is not None:
             where = _Where()
-            source = _rollup_source(rollup, flt, since, until, where)
+            source = _rollup_source(rollup, flt, since, until, where,
+                                    rolled_floor=self._rolled_until)
             grouped = (f"SELECT status AS key, sum(connections) AS connections "
                        f"FROM {source} GROUP BY status HAVING sum(connections) > 0")
         else:
@@ -1102,7 +1132,8 @@ class Repository:
             where = _Where()
             time_column, connections = "bucket", "sum(connections)"
             source = _rollup_source(rollup, flt, since, until, where,
-                                    coarsest=_COARSEST[interval])
+                                    coarsest=_COARSEST[interval],
+                                    rolled_floor=self._rolled_until)
         else:
             where = _where(flt, time_column="started_at", since=since, until=until)
             time_column, connections = "started_at", "count(*)"
@@ -1140,7 +1171,9 @@ class Repository:
         rollup = _choose_rollup(flt, candidates)
         if rollup is not None:
             where = _Where()
-            return _rollup_source(rollup, flt, since, until, where), where, _ROLLUP_LATENCY
+            source = _rollup_source(rollup, flt, since, until, where,
+                                    rolled_floor=self._rolled_until)
+            return source, where, _ROLLUP_LATENCY
         where = _where(flt, time_column="started_at", since=since, until=until)
         measures = ("count(connect_ms) AS n, coalesce(sum(connect_ms), 0) AS total_ms, "
                     f"max(connect_ms) AS max_ms, {_sql.HISTOGRAM_FROM_RAW_AS}")
@@ -1195,7 +1228,8 @@ class Repository:
         if rollup is None or inner_since >= inner_until:
             return await self._count_raw(flt, flt.since, flt.until)
         where = _Where()
-        source = _rollup_source(rollup, flt, inner_since, inner_until, where)
+        source = _rollup_source(rollup, flt, inner_since, inner_until, where,
+                                rolled_floor=self._rolled_until)
         rows = await self._fetch(
             f"SELECT coalesce(sum(connections), 0) FROM {source}", where.args,
         )
