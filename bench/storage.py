@@ -11,12 +11,14 @@ generated events (bench/socksbench/pgdata.py: Zipf domains, clients, users; 93 %
 
   - `Repository.insert_batch` (rows as the collector hands them over, `checked` by its
     normalizer; `--unchecked`: the repository's row checks too; binary COPY into the
-    staging table, INSERT ... ON
-    CONFLICT into traffic_logs, the totals rollups and the rollup queue from its RETURNING),
-    one call per batch, with the repository's background roll-forward of the queue into the
-    domain and client rollups (minute, hour, day) on a second pooled connection, as in a
-    collector; timed until the queue is empty again (and, separately, until the last
-    insert_batch returned: the acknowledgement),
+    staging table, INSERT into traffic_logs, the rollup queue from its RETURNING), one
+    call per batch, with the repository's background roll-forward of the queue into the
+    rollups' minute tiers, and its roll-up of the coarse tiers 5 minutes behind its clock,
+    on a second pooled connection, as in a collector; timed until the queue is empty
+    again (and, separately, until the last insert_batch returned: the acknowledgement).
+    The passes are a live stream: each pass's events close in the minute before its
+    clock, 6 minutes after the previous pass's, so each pass rolls up the pass before it,
+    as a collector rolls each minute up 5 minutes later,
   - the same serially on one connection, other fresh rows: insert_batch without the
     background roll-forward, and a roll-forward after every 10,000 rows and at the end
     (all the work, none of it overlapped), and
@@ -31,7 +33,8 @@ insert_batch / raw ratios.
 Part 2, stats queries: N rows (default 1,000,000) over the last 30 days, generated in SQL
 (generate_series) with a skew (a few domains, clients and users take most of the traffic),
 written day by day through the repository's own SQL (staging table, INSERT ... ON CONFLICT,
-rollups, roll-forward of the queue), VACUUM ANALYZE, then every stats query of the
+rollups, roll-forward of the queue; the roll-up to 5 minutes before now), VACUUM ANALYZE,
+then every stats query of the
 repository over a 24-hour and a 30-day window: median of several timed calls after one warm-up call.
 
 Progress on stderr; markdown on stdout and in bench/results/storage-<time>.{json,md}.

@@ -105,11 +105,11 @@ _ROLL_FORWARD_DELAY = 1.0
 # has left some 30 MB of dead rows (a scan of the empty queue took 17 ms). So a roll-forward
 # vacuums it (without truncating: its pages are reused) after this many rows were taken.
 _VACUUM_QUEUE_ROWS = 20_000
-# The coarse tiers of the domain and client rollups are rolled up from the minute tier up
-# to this long before the time now (after a roll-forward, at most once a minute): a
-# connection counts in the minute it started, and most of a minute's connections have
-# ended (and been sent) this long after it. A later one still goes into every tier at
-# once, as before; readers take the minutes since the watermark from the minute tier.
+# The coarse tiers of the rollups (hour, day, week, the domain ranking tiers) are rolled up
+# from the minute tiers up to this long before the time now (after a roll-forward, at most
+# once a minute): a connection counts in the minute it started, and most of a minute's
+# connections have ended (and been sent) this long after it. A later one still goes into
+# every tier at once; readers take the minutes since the watermark from the minute tiers.
 ROLL_UP_LAG = timedelta(minutes=5)
 # A reader that does not roll up (the API) reads the watermark at most this often (seconds):
 # any value once seen stays a lower bound, since it never moves back.
@@ -756,8 +756,8 @@ class Repository:
             return
 
     async def roll_forward(self, *, wait: bool = True) -> int:
-        """Move every queued domain and client delta into their minute tiers (and into the
-        coarse tiers, for minutes already rolled up), then roll the coarse tiers up to
+        """Move every queued rollup delta into the minute tiers (and into the coarse tiers,
+        for minutes already rolled up), then roll the coarse tiers up to
         `roll_up_lag` before now if they are a minute or more behind that.
 
         Each chunk is one transaction (DELETE ... RETURNING, then the upserts), so a row is
@@ -807,7 +807,7 @@ class Repository:
             if wait:
                 await connection.execute(_sql.WAIT_ROLL_FORWARD_LOCK)
             elif not await connection.fetchval(_sql.TRY_ROLL_FORWARD_LOCK):
-                return self._rolled_until or until
+                return self._rolled_until or until  # a busy one rolls up meanwhile
             watermark: datetime = await connection.fetchval(_sql.ROLL_UP, until)
         self._rolled_until = watermark
         return watermark
