@@ -918,10 +918,9 @@ class Repository:
         self._watermark_read_at = now
         async with self._connection() as connection:
             seen: datetime = await connection.fetchval(_sql.READ_WATERMARK)
-        if seen.tzinfo is None:  # minus infinity (asyncpg's datetime.min): nothing rolled up
-            return
-        if self._rolled_until is None or seen > self._rolled_until:
-            self._rolled_until = seen
+        # As it is, even if lower than seen before: only a migration (0006 downgraded and
+        # upgraded again) moves it back. Minus infinity is asyncpg's naive datetime.min.
+        self._rolled_until = seen if seen.tzinfo is not None else None
 
     async def _count_after_end(self, query: str, args: Sequence[Any]) -> int:
         """The total of a page requested past its end, where the window count is absent."""
@@ -999,13 +998,17 @@ class Repository:
         other as a single statement would.
         """
         await self._see_watermark()
+        # One floor for both statements, taken before their snapshot: a watermark seen
+        # meanwhile (a roll-up, another request) may be past the snapshot's, and the minutes
+        # between the two would be in neither part of the second statement.
+        floor = self._rolled_until
         first = _Where()
         # Sums only, so partial periods may be whole ones less their rest; a key is in the
         # window if anything of it is (every rollup row has a connection or bytes).
         source = _rollup_source(rollup, flt, since, until, first,
                                 sums_as_of=self.clock(),
                                 select=(column, *_sql.RANK_MEASURES),
-                                rolled_floor=self._rolled_until)
+                                rolled_floor=floor)
         extra = f", {measures}" if summed else ""
         grouped = (f"SELECT {column} AS key, {rank} AS rank{extra} FROM {source} "
                    f"WHERE {column} IS NOT NULL GROUP BY {column} HAVING sum(connections) <> 0 "
@@ -1013,7 +1016,7 @@ class Repository:
         limit_p, offset_p = first.param(limit), first.param(offset)
         async with self._connection() as connection, connection.transaction(
                 isolation="repeatable_read", readonly=True):
-            if await connection.fetchval(_sql.RANKING_SETUP, self._rolled_until or _NEVER):
+            if await connection.fetchval(_sql.RANKING_SETUP, floor or _NEVER):
                 # Every count and byte sum of this snapshot fits a double exactly (see
                 # _sql.RANKING_SETUP): sum them as doubles, ~20 % faster than as numerics.
                 grouped = _INTEGER_SUM.sub(r"sum(\1::float8)", grouped)
@@ -1035,7 +1038,7 @@ class Repository:
             source = _rollup_source(rollup, flt, since, until, second,
                                     condition=f"{column} = ANY({keys})",
                                     point_lookups=column == rollup.keys[0],
-                                    rolled_floor=self._rolled_until)
+                                    rolled_floor=floor)
             details = {row["key"]: row for row in await connection.fetch(
                 f"SELECT {column} AS key, {measures} FROM {source} GROUP BY {column}",
                 *second.args)}

@@ -13,11 +13,12 @@ for windows that hold whole ISO weeks) must equal the model's minutes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from ipaddress import IPv4Address
@@ -580,3 +581,52 @@ async def test_the_roll_up_follows_the_clock_and_never_goes_back(
                             now=NOW)
     await repo.roll_forward()
     assert await db.fetchval("SELECT sum(connections) FROM rollup_domains_hour") == 2
+
+
+async def test_a_ranking_is_exact_while_the_watermark_moves(database_url: str) -> None:
+    """A ranking's two statements share one snapshot: a roll-up committed between them,
+    and seen by the reader meanwhile (another request's read of the watermark), changes
+    neither its counts nor its keys (found by an audit: the second statement had taken
+    the newer watermark as its floor and missed the minutes in between)."""
+    writer = await Repository.open(url=database_url)
+    reader = await Repository.open(url=database_url)
+    try:
+        for repository in (writer, reader):
+            repository.roll_up_lag, repository.clock = None, lambda: NOW
+            repository.auto_roll_forward = False
+        await writer.roll_up(until=_minute(NOW) - timedelta(hours=2))
+        events = [make_event(started_at=NOW - timedelta(minutes=40 - n)) for n in range(20)]
+        events.append(make_event(started_at=NOW - timedelta(hours=3), user_name="bob"))
+        await writer.insert_batch(events=events, now=NOW)
+        await writer.roll_forward()
+        flt = StatsFilter(since=NOW - timedelta(hours=6), until=NOW)
+        before = await reader.top_source_ips(flt=flt)
+        assert [(s.connections, s.distinct) for s in before.items] == [(21, 2)]
+
+        plain = reader._connection
+        moved = []
+
+        @contextlib.asynccontextmanager
+        async def roll_up_between_the_statements() -> AsyncIterator[Any]:
+            async with plain() as connection:
+                class Hooked:
+                    def __getattr__(self, name: str) -> Any:
+                        return getattr(connection, name)
+
+                    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+                        rows = await connection.fetch(*args, **kwargs)
+                        if not moved and connection.is_in_transaction():
+                            moved.append(await writer.roll_up(
+                                until=_minute(NOW) - timedelta(minutes=5)))
+                            reader._watermark_read_at = -math.inf
+                            await reader._see_watermark()
+                        return rows
+                yield Hooked()
+
+        reader._connection = roll_up_between_the_statements  # type: ignore[method-assign]
+        during = await reader.top_source_ips(flt=flt)
+        assert moved, "the roll-up should have run between the two statements"
+        assert during == before
+    finally:
+        await writer.close()
+        await reader.close()
