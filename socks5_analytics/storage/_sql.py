@@ -171,8 +171,8 @@ def _upsert(rollup: Rollup, tier: str, rows: str) -> str:
 # exactly the minutes before this moment (migration 0006); their minute tier holds every
 # minute. The roll-up (ROLL_UP) moves it forward.
 WATERMARK_TABLE = "rollup_watermark"
-ROLLED_UNTIL = f"(SELECT rolled_until FROM {WATERMARK_TABLE})"
 READ_WATERMARK = f"SELECT rolled_until FROM {WATERMARK_TABLE}"
+ROLLED_UNTIL = f"({READ_WATERMARK})"  # the same, as a scalar subquery inside a statement
 
 
 def with_tiers(rollup: Rollup, facts: str, *, coarse_before_watermark: bool = False) -> str:

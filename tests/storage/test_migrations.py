@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
 import asyncpg
 import pytest
+from storage_data import NOW, make_event
 
-from socks5_analytics.storage import Repository, SchemaMissingError
+from socks5_analytics.storage import Repository, SchemaMissingError, StatsFilter
 from socks5_analytics.storage import schema as app_schema
 from socks5_analytics.storage.errors import DatabaseUnavailableError, MigrationError
 from socks5_analytics.storage.migrate import downgrade, head_revision, script_location, upgrade
@@ -359,12 +361,6 @@ async def test_0006_watermark_round_trip(empty_database_url: str) -> None:
     downgrading to 0005 first rolls every minute from the watermark on into the coarse
     tiers, which then equal their minute tiers summed, as 0005's code expects; upgrading
     again answers as before."""
-    from datetime import timedelta
-
-    from storage_data import NOW, make_event
-
-    from socks5_analytics.storage import StatsFilter
-
     await upgrade(empty_database_url, "0006")
     connection = await asyncpg.connect(empty_database_url, server_settings={"timezone": "UTC"})
     repo = await Repository.open(url=empty_database_url)
