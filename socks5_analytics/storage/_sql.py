@@ -350,6 +350,19 @@ queued AS (
 SELECT count(*) FROM live
 """
 
+# Orders the writes of a connection's interim reports against the writes of final events.
+# Neither sees the other's uncommitted rows: an interim report written beside its own
+# connection's final event would find no final row and count its growth, while the final
+# found no progress row and counted all its bytes, so those bytes counted twice. A batch
+# with interim reports takes this lock exclusively, a batch of final events only shared
+# (final events never wait for each other), each before the statements that look; the next
+# statement's snapshot then sees what the other committed. One key, not one per connection:
+# a batch of thousands of events would touch every stripe of any striping anyway.
+# An arbitrary constant: "S5AP".
+PROGRESS_LOCK = 0x53_35_41_50
+LOCK_PROGRESS_FOR_INTERIMS = f"SELECT pg_advisory_xact_lock({PROGRESS_LOCK})"
+LOCK_PROGRESS_FOR_EVENTS = f"SELECT pg_advisory_xact_lock_shared({PROGRESS_LOCK})"
+
 # Serializes roll-forwards (an arbitrary constant: "S5AR"); a busy one is skipped, not waited
 # for, by the roll-forward that follows a commit.
 ROLL_FORWARD_LOCK = 0x53_35_41_52

@@ -11,7 +11,9 @@ partition key), not a batch id: a proxy node's spool may replay the same events 
 batches, and two collectors may both receive one event; a batch-id table would let those
 through twice. A conflicting row is skipped, and since the rollups are fed from the
 `RETURNING` of that same INSERT, a skipped row adds nothing to them. Interim reports carry
-cumulative counts, so a repeated report adds zero.
+cumulative counts, so a repeated report adds zero; a batch with reports takes an advisory
+lock exclusively that batches of final events share, so a report and its connection's
+final event, written at once, never both count the same bytes.
 
 Reads. Every stats query is answered from a per-minute rollup when the rollup's key covers
 the query's filters (totals: node, status; domains: domain, status; clients: source IP,
@@ -645,17 +647,24 @@ class Repository:
             async with self._connection() as connection:
                 try:
                     async with connection.transaction():
-                        if good_interims:
-                            interim_applied = await self._apply_interims(
-                                connection, good_interims
-                            )
                         if good_events:
-                            await connection.execute(_sql.CREATE_STAGE)
+                            # A batch of events alone takes its shared lock in the same
+                            # round trip; one with reports waits for its exclusive lock
+                            # after the copy, which needs no lock.
+                            await connection.execute(
+                                _sql.CREATE_STAGE if good_interims
+                                else f"{_sql.CREATE_STAGE}; {_sql.LOCK_PROGRESS_FOR_EVENTS}")
                             await connection.copy_records_to_table(
                                 _sql.STAGE_TABLE,
                                 records=map(_event_record, good_events),
                                 columns=_sql.EVENT_COLUMNS,
                             )
+                        if good_interims:
+                            await connection.execute(_sql.LOCK_PROGRESS_FOR_INTERIMS)
+                            interim_applied = await self._apply_interims(
+                                connection, good_interims
+                            )
+                        if good_events:
                             inserted = await self._insert_staged(connection)
                 except BaseException:
                     # A partition dropped meanwhile (another process's retention) must be

@@ -295,3 +295,33 @@ async def test_the_queue_is_vacuumed_by_the_roll_forward(
     # One round's rows fit in the pages the previous rounds left (some slack for the free
     # space map's granularity); without the vacuum it would be six rounds' pages.
     assert sizes[-1] <= 2 * sizes[0], sizes
+
+
+@pytest.mark.parametrize("reported_before", [False, True], ids=["first-report", "later-report"])
+async def test_an_interim_racing_its_final_counts_the_bytes_once(
+    repo: Repository, db: asyncpg.Connection, reported_before: bool
+) -> None:
+    """An interim report and the final event of the same connection, written at the same
+    moment by two writers (two collectors, or two of one collector's writers): whichever
+    commits first, the connection's bytes are counted once. Without a lock between the two,
+    neither transaction sees the other's uncommitted row, and the bytes count twice.
+
+    `reported_before`: an earlier report is already stored, so the racing one updates the
+    connection's progress row instead of inserting it."""
+    rounds, filler = 24, 100
+    for _ in range(rounds):
+        event = make_event(bytes_in=10_000, bytes_out=100)
+        if reported_before:
+            early = make_interim(event, at=event.started_at + timedelta(seconds=5),
+                                 bytes_in=2_000, bytes_out=20)
+            await repo.insert_batch(interims=[early], now=NOW)
+        report = make_interim(event, at=event.started_at + timedelta(seconds=10),
+                              bytes_in=6_000, bytes_out=60)
+        others = [make_event(bytes_in=1, bytes_out=1) for _ in range(2 * filler)]
+        await asyncio.gather(
+            repo.insert_batch(events=others[:filler], interims=[report], now=NOW),
+            repo.insert_batch(events=[*others[filler:], event], now=NOW),
+        )
+    connections = rounds * (2 * filler + 1)
+    await _assert_rollups(repo, db, connections, rounds * (10_000 + 2 * filler),
+                          rounds * (100 + 2 * filler))
