@@ -32,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import math
+import random
 import re
 import time
 import uuid
@@ -117,6 +118,13 @@ ROLL_UP_LAG = timedelta(minutes=5)
 # any value once seen stays a lower bound, since it never moves back.
 _WATERMARK_READ_EVERY = 30.0
 _NEVER = datetime(1, 1, 1, tzinfo=UTC)  # a watermark floor that bounds nothing
+# Creating a day's partitions locks each parent in turn, exclusively, in one transaction. A
+# reader holding one parent while it wants another that the creator holds would deadlock
+# with it; so the creator waits for no lock longer than this, then lets every lock go and
+# tries again after a pause (a reader's statements take milliseconds), at most this often.
+_CREATE_LOCK_TIMEOUT = "50ms"
+_CREATE_TRIES = 50
+_CREATE_PAUSE = 0.05
 
 
 def _event_record(e: StoredEvent) -> tuple[Any, ...]:
@@ -192,6 +200,27 @@ def _translated() -> Any:
         raise DatabaseUnavailableError(f"the database is unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StorageError(f"database error {exc.sqlstate}: {exc}") from exc
+
+
+async def _create_partitions(connection: asyncpg.Connection, first: date,
+                             last: date) -> tuple[str, ...]:
+    """Create the partitions of the days `first` to `last` that do not exist yet; return
+    their names. See `_CREATE_LOCK_TIMEOUT`: a busy parent makes it start over."""
+    for _ in range(_CREATE_TRIES - 1):
+        try:
+            return await _create_partitions_once(connection, first, last)
+        except asyncpg.LockNotAvailableError:
+            await asyncio.sleep(_CREATE_PAUSE * random.uniform(0.5, 1.5))
+    # Still busy: the caller gets a TransientError (translated) and tries again later.
+    return await _create_partitions_once(connection, first, last)
+
+
+async def _create_partitions_once(connection: asyncpg.Connection, first: date,
+                                  last: date) -> tuple[str, ...]:
+    async with connection.transaction():
+        await connection.execute(f"SET LOCAL lock_timeout = '{_CREATE_LOCK_TIMEOUT}'")
+        rows = await connection.fetch(_sql.CREATE_PARTITIONS, first, last)
+    return tuple(row[0] for row in rows)
 
 
 def _quote_ident(name: str) -> str:
@@ -845,7 +874,7 @@ class Repository:
         async with self._partition_lock, self._connection() as connection:
             for day in missing:
                 if day not in self._known_days:
-                    await connection.fetch(_sql.CREATE_PARTITIONS, day, day)
+                    await _create_partitions(connection, day, day)
                     self._known_days.add(day)
 
     async def ensure_partitions(self, *, now: datetime | None = None) -> tuple[str, ...]:
@@ -853,10 +882,10 @@ class Repository:
         today = _utc_day(now or datetime.now(UTC))
         last = today + timedelta(days=self.partitions_ahead_days)
         async with self._partition_lock, self._connection() as connection:
-            rows = await connection.fetch(_sql.CREATE_PARTITIONS, today, last)
+            names = await _create_partitions(connection, today, last)
             self._known_days.update(today + timedelta(days=n)
                                     for n in range(self.partitions_ahead_days + 1))
-        return tuple(row[0] for row in rows)
+        return names
 
     async def drop_expired_partitions(self, *, now: datetime | None = None) -> tuple[str, ...]:
         """Detach (concurrently) and drop every partition older than the retention.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import asyncpg
@@ -163,3 +164,35 @@ async def test_a_week_without_its_first_days_is_read_from_the_days_left(
         assert (gone.items, gone.total) == ((), 0)
     finally:
         await repo.close()
+
+
+async def test_creating_partitions_never_deadlocks_a_reader(
+    repo: Repository, db: asyncpg.Connection, database_url: str
+) -> None:
+    """A new day's partitions are created one parent after another in one transaction,
+    each under an exclusive lock of its parent. A reader that holds one parent (a ranking
+    reads several tiers in one snapshot) and then wants another that the creator holds used
+    to deadlock with it, and one of the two failed. The creator now gives up its locks when
+    one is not free at once, and tries again: both succeed."""
+    first = await repo.ensure_partitions(now=NOW + timedelta(days=10))
+    parents = [name.rsplit("_p", 1)[0] for name in first]
+    created_first, created_last = parents[0], parents[-1]
+    reader = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction(isolation="repeatable_read"):
+            await reader.fetchval(f"SELECT count(*) FROM {created_last}")
+            creating = asyncio.ensure_future(repo.ensure_partitions(now=NOW + timedelta(days=20)))
+            # Until the creator holds the first parent and waits for the last one.
+            for _ in range(200):
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE NOT l.granted AND c.relname = $1", created_last)
+                if waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting, "the creator never waited for the reader's table"
+            assert await reader.fetchval(f"SELECT count(*) FROM {created_first}") == 0
+        created = await asyncio.wait_for(creating, timeout=30)
+    finally:
+        await reader.close()
+    assert {name.rsplit("_p", 1)[0] for name in created} == set(parents)
