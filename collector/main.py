@@ -27,6 +27,7 @@ from socks5_analytics import __version__, runtime
 from socks5_analytics.config import ConfigError, Settings, TlsServerSettings, format_address
 from socks5_analytics.logs import configure_logging, get_logger
 from socks5_analytics.storage import Repository, StorageError, TransientError
+from socks5_analytics.storage.maintenance import run_maintenance_forever
 from socks5_analytics.telemetry import serve_metrics, setup_tracing, stop_metrics
 
 __all__ = ["build_server", "run", "serve"]
@@ -129,9 +130,10 @@ async def _open_repository(settings: Settings, url: str, stop: asyncio.Event) ->
     delay = config.retry_initial_backoff
     while True:
         try:
-            # One connection per writer, one for heartbeats and partitions.
+            # One connection per writer, one for heartbeats and partitions, one for the
+            # maintenance pass's lock.
             database = settings.database.model_copy(update={
-                "pool_max_size": max(settings.database.pool_max_size, config.workers + 1),
+                "pool_max_size": max(settings.database.pool_max_size, config.workers + 2),
             })
             return await Repository.from_settings(database, url=url,
                                                   application_name="socks5-analytics-collector")
@@ -173,11 +175,14 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
                 return 1
             log.info("collector listening", address=format_address(*bound), version=__version__,
                      metrics=_address_of(metrics_server), tracing=tracer is not None)
+            maintenance = asyncio.create_task(run_maintenance_forever(
+                repository, interval=settings.database.maintenance_interval, stop=stop))
             runtime.settle_gc()
             await stop.wait()
             log.info("shutting down", streams=server.servicer.active_streams,
                      held_rows=server.publisher.held_rows)
             await server.stop(settings.collector.shutdown_grace)
+            await _finish(maintenance, settings.collector.shutdown_grace)
             log.info("stopped", committed_rows=server.publisher.committed_rows,
                      writes=server.publisher.writes)
         finally:
@@ -186,6 +191,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
                 provider.shutdown()
             stop_metrics(metrics_server)
     return 0
+
+
+async def _finish(maintenance: asyncio.Task[None], grace: float) -> None:
+    """Let a maintenance pass under way end within `grace` seconds, else cancel it (the
+    next start runs a whole pass again)."""
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(maintenance, timeout=max(grace, 1.0))
 
 
 def _address_of(server: Any) -> str | None:

@@ -363,6 +363,12 @@ PROGRESS_LOCK = 0x53_35_41_50
 LOCK_PROGRESS_FOR_INTERIMS = f"SELECT pg_advisory_xact_lock({PROGRESS_LOCK})"
 LOCK_PROGRESS_FOR_EVENTS = f"SELECT pg_advisory_xact_lock_shared({PROGRESS_LOCK})"
 
+# One maintenance pass at a time across every collector (session-level, held by one pooled
+# connection for the pass; asyncpg's reset on release lets it go in any case): "S5AM".
+MAINTENANCE_LOCK = 0x53_35_41_4D
+TRY_MAINTENANCE_LOCK = f"SELECT pg_try_advisory_lock({MAINTENANCE_LOCK})"
+UNLOCK_MAINTENANCE = f"SELECT pg_advisory_unlock({MAINTENANCE_LOCK})"
+
 # Serializes roll-forwards (an arbitrary constant: "S5AR"); a busy one is skipped, not waited
 # for, by the roll-forward that follows a commit.
 ROLL_FORWARD_LOCK = 0x53_35_41_52

@@ -28,7 +28,9 @@ async def run_maintenance_forever(
         except StorageError as exc:
             _log.warning("partition maintenance failed", error=str(exc))
         else:
-            if result.created or result.dropped:
+            if result.skipped:
+                _log.debug("partition maintenance skipped: another process runs a pass")
+            elif result.created or result.dropped:
                 _log.info(
                     "partition maintenance",
                     created=list(result.created),

@@ -134,12 +134,16 @@ class BatchResult:
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceResult:
-    """The partitions one maintenance pass created and dropped, by table name."""
+    """The partitions one maintenance pass created and dropped, by table name.
+
+    `skipped`: another process (a second collector) was running a pass, so this one did
+    nothing."""
 
     created: tuple[str, ...]
     dropped: tuple[str, ...]
     progress_purged: int
     nodes_purged: int
+    skipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

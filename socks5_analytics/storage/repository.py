@@ -921,8 +921,17 @@ class Repository:
 
     async def run_maintenance(self, *, now: datetime | None = None) -> MaintenanceResult:
         """One maintenance pass: partitions ahead, the rollup queue, expired partitions,
-        stale progress rows."""
-        now = now or datetime.now(UTC)
+        stale progress rows. Skipped while another process runs one (two collectors
+        detaching the same partition would fail each other)."""
+        async with self._connection() as guard:
+            if not await guard.fetchval(_sql.TRY_MAINTENANCE_LOCK):
+                return MaintenanceResult((), (), 0, 0, skipped=True)
+            try:
+                return await self._maintain(now or datetime.now(UTC))
+            finally:
+                await guard.execute(_sql.UNLOCK_MAINTENANCE)
+
+    async def _maintain(self, now: datetime) -> MaintenanceResult:
         created = await self.ensure_partitions(now=now)
         # Before the drop: what is queued for a day about to go is still rolled (and dropped
         # with it), and a queue left by a crashed writer does not wait for the next batch.

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,24 @@ async def test_sigterm_acks_what_it_took_and_exits_cleanly(
     # Acks came in order, each for a committed batch; the rest the node still has.
     assert sorted(acked) == list(range(1, len(acked) + 1))
     assert await db.fetchval("SELECT count(*) FROM traffic_logs") >= 100 * len(acked)
+
+
+async def test_a_running_collector_keeps_the_partitions(
+    spawn: Spawn, db: asyncpg.Connection
+) -> None:
+    """Its maintenance pass runs at start (then every `database.maintenance_interval`): the
+    days ahead get their partitions, and a day older than the retention is dropped."""
+    today = datetime.now(UTC).date()
+    expired = today - timedelta(days=40)  # the default retention keeps 30 days
+    await db.execute("SELECT s5a_create_day_partitions($1::date, $1::date)", expired)
+    old = f"traffic_logs_p{expired:%Y%m%d}"
+    ahead = f"traffic_logs_p{today + timedelta(days=3):%Y%m%d}"
+    assert await db.fetchval("SELECT to_regclass($1)", old) is not None
+    assert await db.fetchval("SELECT to_regclass($1)", ahead) is None
+    collector = await spawn()
+    async with asyncio.timeout(30):
+        while (await db.fetchval("SELECT to_regclass($1)", ahead) is None
+               or await db.fetchval("SELECT to_regclass($1)", old) is not None):
+            await asyncio.sleep(0.05)  # polling the pass's effect, with the deadline above
+    collector.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(collector.process.wait(), 30) == 0

@@ -196,3 +196,19 @@ async def test_creating_partitions_never_deadlocks_a_reader(
     finally:
         await reader.close()
     assert {name.rsplit("_p", 1)[0] for name in created} == set(parents)
+
+
+async def test_one_maintenance_pass_at_a_time(repo: Repository, db: asyncpg.Connection) -> None:
+    """While another process (a second collector) runs a pass, a pass does nothing."""
+    from socks5_analytics.storage._sql import MAINTENANCE_LOCK
+
+    later = NOW + timedelta(days=30)
+    await db.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+    try:
+        result = await repo.run_maintenance(now=later)
+    finally:
+        await db.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+    assert result.skipped and result.created == ()
+    result = await repo.run_maintenance(now=later)
+    assert not result.skipped
+    assert f"traffic_logs_p{later:%Y%m%d}" in result.created
