@@ -46,7 +46,12 @@ class LocalFailure(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """Reaching the destination failed for a reason not listed below."""
+    """Reaching the destination failed for a reason not listed below.
+
+    `address`: the IP whose connection attempt failed last, when one was made (the event's
+    `dest_ip` of a failed connection to a name)."""
+
+    address: str | None = None
 
 
 class ResolutionFailed(UpstreamError):

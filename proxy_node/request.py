@@ -16,7 +16,12 @@ from typing import Any
 
 import idna
 
-from proxy_node.errors import ResolutionFailed, UpstreamTimeout, translate_os_error
+from proxy_node.errors import (
+    ResolutionFailed,
+    UpstreamError,
+    UpstreamTimeout,
+    translate_os_error,
+)
 from proxy_node.poller import WRITABLE, Poller
 from proxy_node.resolver import Resolver, SockAddr
 from proxy_node.rules import RuleSet
@@ -35,9 +40,14 @@ class Destination:
 
 
 def plain_ip(address: str) -> str:
-    """An IPv4-mapped IPv6 address as plain IPv4; any other address unchanged."""
-    if address.startswith("::ffff:") and "." in address:
-        return address[7:]
+    """An IPv4-mapped IPv6 address (`::ffff:1.2.3.4`, or `::ffff:102:304` as Python spells
+    it) as plain IPv4; any other address unchanged."""
+    if address.startswith("::ffff:"):
+        if "." in address:
+            return address[7:]
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
     return address
 
 
@@ -47,9 +57,14 @@ def destination(request: Request) -> Destination:
         return Destination(plain_ip(request.host), request.port, False)
     name = request.host.rstrip(".").lower()
     try:
-        return Destination(str(ipaddress.ip_address(name)), request.port, False)
+        ip = ipaddress.ip_address(name)
     except ValueError:
         pass
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            # `fe80::1%eth0` names an interface of the proxy's host: not a destination.
+            raise ResolutionFailed("a scoped IPv6 address is not a destination")
+        return Destination(plain_ip(str(ip)), request.port, False)
     if not name.isascii():
         try:
             name = idna.encode(name, uts46=True).decode("ascii")
@@ -152,11 +167,13 @@ async def dial(
     else:
         candidates = rules.allowed_addresses(command, None, dest.port,
                                              [sockaddr_for(dest.host, dest.port)])
-    failure: Exception | None = None
+    failure: UpstreamError | None = None
     deadline = _Deadline()
     timer = loop.call_at(loop.time() + timeout, deadline.fire)
+    tried: str | None = None
     try:
         for family, addr in candidates:
+            tried = addr[0]
             sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
             try:
                 if not _NONBLOCK:
@@ -166,6 +183,7 @@ async def dial(
             except OSError as exc:
                 poller.discard(sock)
                 failure = translate_os_error(exc)
+                failure.address = plain_ip(tried)
                 continue
             except BaseException:
                 poller.discard(sock)
@@ -178,7 +196,9 @@ async def dial(
                 poller.discard(sock)
                 raise
     except _Expired:
-        raise UpstreamTimeout(f"no connection within {timeout:g} s") from TimeoutError()
+        timed_out = UpstreamTimeout(f"no connection within {timeout:g} s")
+        timed_out.address = None if tried is None else plain_ip(tried)
+        raise timed_out from TimeoutError()
     finally:
         timer.cancel()
     assert failure is not None

@@ -13,7 +13,14 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from proxy_node.bind import accept_one, open_listener
-from proxy_node.errors import ConnectionNotAllowed, LocalFailure, ProxyError, outcome_for
+from proxy_node.errors import (
+    ConnectionNotAllowed,
+    LocalFailure,
+    ProxyError,
+    ResolutionFailed,
+    UpstreamError,
+    outcome_for,
+)
 from proxy_node.events import ConnectionRecord, InterimSample
 from proxy_node.gatekeeper import Admission
 from proxy_node.handshake import (
@@ -203,16 +210,23 @@ class Session:
         record.command = _COMMAND_NAMES[request.command]
         if request.command == Command.UDP_ASSOCIATE:
             record.protocol = "udp"
-        if self.denial is not None:
+        try:
+            dest = destination(request)
+        except ResolutionFailed as exc:
+            unusable: ResolutionFailed | None = exc
+        else:
+            unusable = None
+            if request.command != Command.UDP_ASSOCIATE:  # its DST is the client's own address
+                record.dest_host = dest.host
+                record.dest_port = dest.port
+                record.domain = dest.host if dest.is_domain else None
+        if self.denial is not None:  # what was asked is recorded, then refused
             await self._reply_failure(reader, ConnectionNotAllowed(self.denial))
             record.status = self.denial
             raise ConnectionNotAllowed(self.denial)
         try:
-            dest = destination(request)
-            if request.command != Command.UDP_ASSOCIATE:
-                record.dest_host = dest.host
-                record.dest_port = dest.port
-                record.domain = dest.host if dest.is_domain else None
+            if unusable is not None:
+                raise unusable
             if request.command == Command.CONNECT:
                 await self._connect(reader, dest)
             elif request.command == Command.BIND:
@@ -301,9 +315,15 @@ class Session:
         server = self.server
         if not dest.is_domain:  # nothing to resolve: this is the address used, even if it fails
             self.record.dest_ip = dest.host
-        upstream, connected_ip = await dial(dest, resolver=server.resolver, rules=server.rules,
-                                            timeout=server.settings.connect_timeout,
-                                            poller=server.poller)
+        try:
+            upstream, connected_ip = await dial(dest, resolver=server.resolver,
+                                                rules=server.rules,
+                                                timeout=server.settings.connect_timeout,
+                                                poller=server.poller)
+        except UpstreamError as exc:
+            if exc.address is not None:  # a name's address that was tried (last) and failed
+                self.record.dest_ip = exc.address
+            raise
         try:
             record = self.record
             record.connected_mono = time.monotonic()

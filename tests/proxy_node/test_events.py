@@ -244,3 +244,57 @@ async def test_shared_proxy_events_all_valid(
     for event in events:
         check_invariants(event)
     assert len({e["event_id"] for e in events}) == len(events)
+
+
+async def _refused_request(proxy: ProxyProcess, request: bytes) -> tuple[int, int]:
+    """Send a request without auth; return (our port, the reply's REP)."""
+    reader, writer = await proxy.raw()
+    local = writer.get_extra_info("sockname")[1]
+    writer.write(greeting(b"\x00") + request)
+    assert await asyncio.wait_for(reader.readexactly(2), DEADLINE) == b"\x05\x00"
+    rep = (await asyncio.wait_for(read_reply(reader), DEADLINE)).rep
+    await read_until_eof(reader)
+    writer.close()
+    return local, rep
+
+
+async def test_what_a_failed_request_asked_for_is_recorded(
+    proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    """A refused connection to a name records the address it tried; an IPv4-mapped IPv6
+    address is recorded as the IPv4 address, however it failed; a scoped IPv6 literal sent
+    as a name is not a destination (0x04, and the event still exports); a source the
+    whitelist refuses still records what it asked for."""
+    proxy = proxy_factory()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        outcomes = dict([
+            await _refused_request(proxy, socks_request(CONNECT, "localhost", port)),
+            await _refused_request(proxy, socks_request(CONNECT, "::ffff:127.0.0.1", port)),
+            await _refused_request(proxy, bytes((5, CONNECT, 0, 3, 6)) + b"::1%lo"
+                                   + port.to_bytes(2, "big")),
+        ])
+        events = {e["source_port"]: e for e in
+                  await proxy.wait_events(lambda e: e["source_port"] in outcomes, count=3)}
+    by_host = {events[local]["dest_host"]: (events[local], rep)
+               for local, rep in outcomes.items()}
+    for event, _ in by_host.values():
+        check_invariants(event)
+    named, rep = by_host["localhost"]
+    assert (rep, named["status"], named["domain"]) == (5, "refused", "localhost")
+    assert named["dest_ip"] in ("127.0.0.1", "::1")
+    mapped, rep = by_host["127.0.0.1"]
+    assert (rep, mapped["status"], mapped["dest_ip"]) == (5, "refused", "127.0.0.1")
+    scoped, rep = by_host[None]
+    assert (rep, scoped["status"], scoped["dest_ip"]) == (4, "dns_failed", None)
+
+    proxy.write_policy({}, whitelist=["192.0.2.0/24"])
+    proxy.send_signal(1)
+    await proxy.wait_log("policy applied")
+    local, rep = await _refused_request(proxy, socks_request(CONNECT, "example.com", 443))
+    (denied,) = await proxy.wait_events(lambda e: e["source_port"] == local, count=1)
+    check_invariants(denied)
+    assert (rep, denied["status"], denied["reply_code"]) == (2, "denied_whitelist", 2)
+    assert (denied["dest_host"], denied["domain"], denied["dest_port"]) == (
+        "example.com", "example.com", 443)
