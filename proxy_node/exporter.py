@@ -218,7 +218,17 @@ class GrpcExporter:
         count = 0
         add_event = batch.events.add
         while events and count < limit:
-            fill_event(add_event(), events.popleft())
+            event = events.popleft()
+            try:
+                fill_event(add_event(), event)
+            except (ValueError, OSError, KeyError, TypeError) as exc:
+                # A field the wire format cannot carry: that event is refused here, as the
+                # collector would refuse it, and the batch (and the batcher) go on.
+                del batch.events[-1]
+                self.rejected += 1
+                self.log.error("event not exportable", event_id=str(event.event_id),
+                               error=f"{type(exc).__name__}: {exc}")
+                continue
             count += 1
         while interims and count < limit:
             batch.interims.append(interim_to_proto(interims.popleft()))
@@ -264,8 +274,11 @@ class GrpcExporter:
     async def _batcher(self) -> None:
         interval = self.settings.flush_interval
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that comes as the wait ends, and close() would wait for this loop forever.
             try:
-                await asyncio.wait_for(self._wake_batcher.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await self._wake_batcher.wait()
             except TimeoutError:
                 pass
             self._wake_batcher.clear()

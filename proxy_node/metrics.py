@@ -65,7 +65,8 @@ class ProxyMetrics:
                                "Batches by what happened to them (sent, acked, rejected, "
                                "resent, spooled)", ["result"], registry=r)
         self.rejected = Counter("s5a_proxy_events_rejected",
-                                "Events the collector refused as invalid", registry=r)
+                                "Events refused as invalid, by the collector or before "
+                                "sending", registry=r)
         self.collector_up = Gauge("s5a_proxy_collector_connected",
                                   "1 while a stream to a collector is open", registry=r,
                                   multiprocess_mode="livemax")

@@ -76,12 +76,12 @@ async def _start_collector(collector: FakeCollector, port: int = 0) -> tuple[grp
     return server, bound
 
 
-def _event(index: int) -> ConnectionEvent:
+def _event(index: int, dest_ip: str = "198.51.100.1") -> ConnectionEvent:
     record = ConnectionRecord("192.0.2.7", 40000 + index, time.monotonic())
     record.status = "ok"
     record.reply_code = 0
     record.dest_host = record.domain = f"host{index}.example"
-    record.dest_ip = "198.51.100.1"
+    record.dest_ip = dest_ip
     record.dest_port = 443
     record.bytes_out, record.bytes_in = index, 2 * index
     return record.finish(node_id="node-a", now_mono=time.monotonic())
@@ -153,6 +153,28 @@ async def test_events_are_delivered_with_every_field(tmp_path: Path) -> None:
         assert collector.hellos[0].policy_version == "policy-1"
         assert collector.heartbeats[0].active_connections == 3
         assert exporter.dropped == 0
+
+    await _with_collector(body)
+
+
+async def test_an_event_the_wire_cannot_carry_is_refused_alone(tmp_path: Path) -> None:
+    """One event whose address has no wire form (a scoped IPv6 literal) is counted as
+    refused and logged; the events around it, and every later one, are still delivered.
+    Before, the batcher died on it and exported nothing more."""
+    async def body(collector: FakeCollector, port: int) -> None:
+        exporter = _exporter(tmp_path, port)
+        await exporter.start()
+        bad = _event(0, dest_ip="fe80::1%eth0")
+        events = [_event(i) for i in range(1, 100)]
+        for event in (*events[:50], bad, *events[50:]):
+            exporter.emit(event)
+        await _until(lambda: len(collector.committed) == 99)
+        later = _event(100)
+        exporter.emit(later)
+        await _until(lambda: later.event_id.bytes in collector.committed)
+        await exporter.close()
+        assert bad.event_id.bytes not in collector.committed
+        assert (exporter.rejected, exporter.dropped) == (1, 0)
 
     await _with_collector(body)
 
