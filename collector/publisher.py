@@ -244,8 +244,10 @@ class Publisher:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
+                # Not wait_for, whose 3.11 version can swallow close()'s cancellation.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
             group: list[_Submission] = []
             rows = 0
             while self._queue and (not group or rows + self._queue[0].size

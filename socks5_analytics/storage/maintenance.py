@@ -38,7 +38,8 @@ async def run_maintenance_forever(
                     progress_purged=result.progress_purged,
                     nodes_purged=result.nodes_purged,
                 )
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+        try:  # asyncio.timeout: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(interval):
+                await stop.wait()
         except TimeoutError:
             pass
