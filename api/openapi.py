@@ -14,7 +14,7 @@ from sanic_ext.extensions.openapi import openapi, types
 
 from api.params import ROUTE_PARAMETERS, SCHEMAS
 
-__all__ = ["SCHEMA", "describe", "list_of"]
+__all__ = ["ERRORS", "SCHEMA", "describe", "json_content", "list_of"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 Schema: Any = types.Schema  # sanic-ext's schema objects are untyped
@@ -99,15 +99,21 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "ready": _object({"status": {"type": "string"}, "schema_revision": _ANY_TEXT}),
 }
 
-_ERRORS = {
+ERRORS = {
     400: "Bad input: an unknown, repeated, malformed or out-of-range parameter",
-    401: "A token is configured and the request did not carry it",
+    401: "A token is configured (`api.token`) and the request did not carry it as "
+         "`Authorization: Bearer <token>`",
     503: "The database is unavailable or did not answer in time",
 }
 
 
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": Schema(**schema)}
+def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    """A response's JSON content, `schema` whole.
+
+    Given as a plain mapping: sanic-ext's `Schema(**schema)` keeps only the keywords its
+    class annotates and would drop `properties` and `items`, leaving an object schema that
+    no body matches."""
+    return {"application/json": {"schema": schema}}
 
 
 def describe(
@@ -120,7 +126,11 @@ def describe(
     secured: bool,
     errors: tuple[int, ...] = (400, 401, 503),
 ) -> Callable[[F], F]:
-    """Attach the summary, the query parameters of `route`, the 200 and error responses."""
+    """Attach the summary, the query parameters of `route`, the 200 and error responses.
+
+    `errors` lists 401 for every route that needs the token when one is configured, whether
+    or not this server has one: it is part of the route's contract. `secured` (a token is
+    configured) adds the security requirement."""
 
     def decorate(handler: F) -> F:
         handler = openapi.summary(summary)(handler)
@@ -135,12 +145,11 @@ def describe(
             content = {f"text/{'plain' if response == 'text' else 'html'}":
                        Schema(type="string")}
         else:
-            content = _json(SCHEMA[response])
+            content = json_content(SCHEMA[response])
         handler = openapi.response(200, content, "OK")(handler)
         for status in errors:
-            if status == 401 and not secured:
-                continue
-            handler = openapi.response(status, _json(SCHEMA["error"]), _ERRORS[status])(handler)
+            handler = openapi.response(status, json_content(SCHEMA["error"]),
+                                       ERRORS[status])(handler)
         if secured:
             handler = openapi.secured("token")(handler)
         return handler

@@ -28,6 +28,7 @@ __all__ = [
     "ROUTE_PARAMETERS",
     "SCHEMAS",
     "ListQuery",
+    "bad_cursor",
     "choose_interval",
     "count_points",
     "parse_choice",
@@ -289,11 +290,19 @@ def parse_status(name: str, text: str) -> str:
 
 
 def parse_cursor(name: str, text: str) -> str:
-    """An opaque cursor: its shape is checked here, its meaning by the repository
-    (`invalid_cursor`)."""
+    """An opaque cursor: its shape is checked here, its meaning by the repository. Either
+    refusal is the one error of a cursor that is not one of ours, `invalid_cursor`
+    (`bad_cursor`)."""
     if not _CURSOR.fullmatch(text):
-        raise BadParameterError(name, "malformed cursor (use the `next_cursor` of a page)")
+        raise bad_cursor(name)
     return text
+
+
+def bad_cursor(name: str) -> BadParameterError:
+    """The error of every cursor the API did not hand out: empty, not base64url, too long,
+    or (found by the repository) not decoding to a position."""
+    return BadParameterError(name, "malformed cursor (use the `next_cursor` of a page)",
+                             code="invalid_cursor")
 
 
 def parse_filter(values: Mapping[str, str], *, now: datetime) -> StatsFilter:

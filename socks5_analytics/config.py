@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -527,9 +528,10 @@ class _MappingSections(PydanticBaseSettingsSource):
                 if name in self.settings_cls.model_fields else None
             if (isinstance(annotation, type) and issubclass(annotation, BaseModel)
                     and not isinstance(value, dict)):
+                shown = _without_password(value) if isinstance(value, str) else value
                 raise ConfigError(
                     f"invalid configuration: {name}: expected a mapping of keys in "
-                    f"{self.origin}, got {value!r}")
+                    f"{self.origin}, got {shown!r}")
         return data
 
 
@@ -570,13 +572,43 @@ class Settings(BaseSettings):
                 _MappingSections(settings_cls, _YamlFileSource(settings_cls), "the config file"))
 
 
-def _without_password(url: str) -> str:
-    """`url` with the password of its user info, if any, as `***` (errors get logged)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, tail = rest.partition("@")
-    if not at or ":" not in userinfo.split("/", 1)[0]:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{tail}"
+# A query parameter that carries a secret (libpq's `password`, `sslpassword`; a `token`).
+_SECRET_PARAMETER = re.compile(r"(?i)([?&][a-z_]*(?:password|secret|token)=)[^&#]*")
+
+
+def _without_password(text: str) -> str:
+    """`text` with the password of a URL's user info (`user:***@host`) and the value of a
+    secret query parameter (`password=***`) masked: errors get logged.
+
+    A bad URL is what this is for, so nothing is assumed of it: the scheme may be missing
+    and the password may hold an unescaped `@`. The user info ends at the last `@`; masking
+    too much of a malformed URL is the safe mistake."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{tail}"
+    return _SECRET_PARAMETER.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The annotation of the settings field at `loc` (an error's location), or None."""
+    model: Any = Settings
+    annotation: Any = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    """Whether the field at `loc` holds a secret (a `SecretStr`, alone or in a union)."""
+    annotation = _annotation_at(loc)
+    return annotation is SecretStr or SecretStr in get_args(annotation)
 
 
 def _describe(error: Any) -> str:
@@ -585,7 +617,18 @@ def _describe(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     given = error.get("input")
-    if isinstance(given, str) and "://" in given:
+    context = error.get("ctx") or {}
+    if (error["type"] in ("too_short", "too_long") and isinstance(given, str)
+            and "actual_length" in context):
+        # pydantic counts a SecretStr's length in "items"; a string's are characters.
+        least = error["type"] == "too_short"
+        bound = context.get("min_length" if least else "max_length")
+        plural = "" if bound == 1 else "s"
+        message = (f"Value should have at {'least' if least else 'most'} {bound} "
+                   f"character{plural}, not {context['actual_length']}")
+    if _is_secret(error["loc"]):
+        return f"{key}: {message}"  # never the value of a secret, whatever its type
+    if isinstance(given, str) and ("@" in given or "=" in given):
         given = _without_password(given)
     if error["type"] != "extra_forbidden" and not isinstance(given, (dict, list)):
         return f"{key}: {message} (got {given!r})"

@@ -18,7 +18,7 @@ from sanic.response import HTTPResponse, raw, redirect
 from sanic_ext.extensions.openapi import openapi
 
 from api.context import query
-from api.openapi import describe
+from api.openapi import ERRORS, describe
 from socks5_analytics.config import ApiSettings
 
 __all__ = ["STATIC", "blueprint"]
@@ -70,8 +70,10 @@ def blueprint(settings: ApiSettings) -> Blueprint:
     secured = settings.token is not None
 
     @bp.get("/dashboard", name="dashboard", ctx_page=True)
+    # A browser's 401 is the page itself (merged into the JSON error of `describe`).
+    @openapi.response(401, {"text/html": {"schema": {"type": "string"}}}, ERRORS[401])
     @describe(route="none", response="html", tag="dashboard", secured=secured,
-              errors=(400, 401) if secured else (400,),
+              errors=(400, 401),
               summary="The dashboard (HTML)",
               description="Charts of the stats routes. When a token is set, a request without "
               "it is a 401; a browser's (`Accept: text/html`) gets the page with the 401, and "

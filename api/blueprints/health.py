@@ -12,7 +12,7 @@ from sanic_ext.extensions.openapi.builders import SpecificationBuilder
 
 from api.context import query, repository
 from api.errors import NotReadyError
-from api.openapi import SCHEMA, describe
+from api.openapi import ERRORS, SCHEMA, describe, json_content
 from socks5_analytics.config import ApiSettings
 from socks5_analytics.storage.errors import StorageError
 from socks5_analytics.storage.migrate import head_revision
@@ -35,7 +35,7 @@ def _self_described(*, secured: bool) -> Callable[[F], F]:
     """The document's own entry (DESIGN.md lists /openapi.json among the routes)."""
 
     def decorate(handler: F) -> F:
-        error = {"application/json": Schema(**SCHEMA["error"])}
+        error = json_content(SCHEMA["error"])
         handler = openapi.summary("This OpenAPI document")(handler)
         handler = openapi.description(
             "The OpenAPI 3 document of every route: parameters with their exact syntax, "
@@ -45,9 +45,8 @@ def _self_described(*, secured: bool) -> Callable[[F], F]:
             200, {"application/json": Schema(type="object", required=["openapi", "paths"])},
             "OK")(handler)
         handler = openapi.response(400, error, "An unknown parameter")(handler)
+        handler = openapi.response(401, error, ERRORS[401])(handler)
         if secured:
-            handler = openapi.response(401, error, "A token is configured and the request "
-                                       "did not carry it")(handler)
             handler = openapi.secured("token")(handler)
         return handler
 

@@ -7,9 +7,8 @@ from sanic.response import HTTPResponse, json
 
 from api import serialize
 from api.context import now, query, repository
-from api.errors import BadParameterError
 from api.openapi import describe
-from api.params import parse_cursor, parse_list_query
+from api.params import bad_cursor, parse_cursor, parse_list_query
 from socks5_analytics.config import ApiSettings
 from socks5_analytics.storage.errors import InvalidQueryError
 
@@ -36,8 +35,9 @@ def blueprint(settings: ApiSettings) -> Blueprint:
             result = await repository(request).logs(flt=q.flt, limit=q.limit, offset=q.offset,
                                                     cursor=cursor)
         except InvalidQueryError as exc:
-            # The only query the repository can refuse here is the cursor's.
-            raise BadParameterError("cursor", str(exc), code="invalid_cursor") from exc
+            # The only query the repository can refuse here is the cursor's (one that does
+            # not decode): the same error as a cursor of the wrong shape.
+            raise bad_cursor("cursor") from exc
         return json(serialize.log_page(result))
 
     return bp

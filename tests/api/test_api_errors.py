@@ -4,6 +4,7 @@ unknown routes and methods in the same shape; the bearer token; CORS."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import threading
 import time
@@ -58,9 +59,7 @@ BAD = [
     ("/stats/traffic?limit=10", "limit", "unknown_parameter"),
     ("/stats/latency?group_by=user", "group_by", "invalid_parameter"),
     ("/stats/statuses?sort=bytes", "sort", "unknown_parameter"),
-    ("/logs?cursor=not*a*cursor", "cursor", "invalid_parameter"),
-    ("/logs?cursor=AAAA", "cursor", "invalid_cursor"),
-    ("/logs?cursor=" + "A" * 201, "cursor", "invalid_parameter"),
+    # a bad cursor: BAD_CURSORS below
     ("/nodes?sort=bytes", "sort", "unknown_parameter"),
     ("/nodes?from=2026-01-02&to=2026-01-01", "from", "invalid_range"),
     ("/nodes?limit=5000", "limit", "invalid_parameter"),
@@ -77,6 +76,49 @@ def test_bad_input_is_a_400_naming_the_parameter(client: httpx.Client, path: str
     error = response.json()["error"]
     assert (error["code"], error["parameter"]) == (code, parameter)
     assert error["message"].startswith(f"{parameter}: ")
+
+
+_UUID = "60745d3f-128a-4de9-bb80-849d2f490972"
+
+
+def _echo_base64(raw: str) -> str:
+    """What `echo RAW | base64` prints: standard base64 of the line, padded."""
+    return base64.b64encode(f"{raw}\n".encode()).decode()
+
+
+def _base64url(raw: str) -> str:
+    """The alphabet and the unpadded form of the cursors the API hands out."""
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+# Every cursor that is not one this API handed out gets the one documented error,
+# `invalid_cursor`, whichever check refuses it: its shape (the API's parser) or its content
+# (the repository's decoding).
+BAD_CURSORS = [
+    pytest.param("", id="empty"),
+    pytest.param("garbage", id="garbage"),
+    pytest.param("not*a*cursor", id="not-base64url"),
+    pytest.param("A" * 201, id="too-long"),
+    pytest.param("A", id="one-char"),
+    pytest.param("AAAA", id="no-separator"),
+    *(pytest.param(_echo_base64(raw), id=f"echo-base64-{name}") for name, raw in [
+        ("negative", f"-5:{_UUID}"), ("bad-id", "1:zz"),
+        ("huge", f"99999999999999999999999:{_UUID}")]),
+    *(pytest.param(_base64url(raw), id=f"base64url-{name}") for name, raw in [
+        ("bad-id", "1:zz"), ("huge", f"99999999999999999999999:{_UUID}"), ("no-id", "5"),
+        ("no-time", f":{_UUID.replace('-', '')}")]),
+    pytest.param(base64.urlsafe_b64encode(b"\xff\xfe:1").decode().rstrip("="),
+                 id="base64url-not-utf8"),
+]
+
+
+@pytest.mark.parametrize("cursor", BAD_CURSORS)
+def test_every_malformed_cursor_is_invalid_cursor(client: httpx.Client, cursor: str) -> None:
+    response = client.get("/logs", params={"cursor": cursor})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["parameter"]) == ("invalid_cursor", "cursor")
+    assert error["message"] == "cursor: malformed cursor (use the `next_cursor` of a page)"
 
 
 def test_too_many_points_says_the_maximum(client: httpx.Client) -> None:

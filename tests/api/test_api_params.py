@@ -16,6 +16,7 @@ from api.params import (
     TIME_PATTERN,
     choose_interval,
     count_points,
+    parse_cursor,
     parse_domain,
     parse_filter,
     parse_int,
@@ -177,6 +178,17 @@ def test_parse_filter_refuses(values: dict[str, str], parameter: str) -> None:
     with pytest.raises(BadParameterError) as caught:
         parse_filter(values, now=NOW)
     assert caught.value.parameter == parameter
+
+
+@pytest.mark.parametrize("text", ["", "not*a*cursor", "MTp6eg==", "a b", "A" * 201])
+def test_parse_cursor_refuses_with_invalid_cursor(text: str) -> None:
+    with pytest.raises(BadParameterError) as caught:
+        parse_cursor("cursor", text)
+    assert (caught.value.parameter, caught.value.code) == ("cursor", "invalid_cursor")
+
+
+def test_parse_cursor() -> None:
+    assert parse_cursor("cursor", "MTp6eg") == "MTp6eg"
 
 
 def test_single_values() -> None:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.generation.modes import GenerationMode
 
+from api.openapi import SCHEMA
 from api.params import SCHEMAS
 
 TOKEN = "schemathesis-token-of-the-tests"
@@ -117,12 +118,41 @@ def test_api_conforms_to_its_document(api_schema: Any, api: RunningApi, path: st
     check()
 
 
-def test_document_lists_every_route(api: RunningApi) -> None:
-    document = httpx.get(f"{api.url}/openapi.json", headers=AUTH).json()
-    assert set(document["paths"]) == {
-        "/stats/top-domains", "/stats/source-ips", "/stats/users", "/stats/traffic",
-        "/stats/latency", "/stats/statuses", "/logs", "/nodes", "/healthz", "/readyz",
-        "/metrics", "/dashboard", "/openapi.json",
-    }
+# The routes that need the token when one is configured, and those that never do.
+_TOKEN_ROUTES = {"/stats/top-domains", "/stats/source-ips", "/stats/users", "/stats/traffic",
+                 "/stats/latency", "/stats/statuses", "/logs", "/nodes", "/dashboard",
+                 "/openapi.json"}
+_PUBLIC_ROUTES = {"/healthz", "/readyz", "/metrics"}
+
+
+def _check_document(document: dict[str, Any], *, secured: bool) -> None:
+    assert set(document["paths"]) == _TOKEN_ROUTES | _PUBLIC_ROUTES
     assert document["components"]["securitySchemes"]["token"] == {"type": "http",
                                                                   "scheme": "bearer"}
+    error = {"schema": SCHEMA["error"]}
+    for path, item in document["paths"].items():
+        responses = item["get"]["responses"]
+        # Every documented error carries the error object's whole schema.
+        for status, response in responses.items():
+            if status != "200":
+                assert response["content"]["application/json"] == error, (path, status)
+        if path in _TOKEN_ROUTES:
+            # The 401 is part of the route's contract whether or not this server has a
+            # token; that it needs one now is what `security` says.
+            assert "401" in responses, path
+            assert item["get"].get("security") == ([{"token": []}] if secured else None), path
+        else:
+            assert "401" not in responses and "security" not in item["get"], path
+    ok = document["paths"]["/logs"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok == {"schema": SCHEMA["logs"]}
+
+
+def test_document_lists_every_route(api: RunningApi) -> None:
+    document = httpx.get(f"{api.url}/openapi.json", headers=AUTH).json()
+    _check_document(document, secured=True)
+
+
+def test_document_without_a_token_still_lists_the_401s(database_url: str) -> None:
+    with RunningApi(api_settings(database_url)) as running:
+        document = httpx.get(f"{running.url}/openapi.json").json()
+    _check_document(document, secured=False)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, SecretStr
 
 from socks5_analytics.config import (
     ConfigError,
@@ -568,3 +570,84 @@ def test_a_bad_database_url_does_not_show_its_password(monkeypatch: pytest.Monke
         load_settings()
     assert "hunter2" not in str(info.value)
     assert "postgresql://app:***@db:notaport/x" in str(info.value)
+
+
+# Every SecretStr field of the settings, as a dotted key and the environment variable.
+_SECRETS = [("api.token", "S5A_API__TOKEN"), ("collector.token", "S5A_COLLECTOR__TOKEN"),
+            ("proxy.events.token", "S5A_PROXY__EVENTS__TOKEN"),
+            ("operator.api_token", "S5A_OPERATOR__API_TOKEN")]
+
+
+def _secret_keys(model: type[BaseModel] = Settings, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _secret_keys(annotation, f"{prefix}{name}.")
+        elif SecretStr in typing.get_args(annotation) or annotation is SecretStr:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_the_secret_table_lists_every_secret_field() -> None:
+    assert _secret_keys() == {key for key, _ in _SECRETS}
+
+
+@pytest.mark.parametrize(("key", "variable"), _SECRETS)
+def test_a_too_short_secret_is_not_shown(monkeypatch: pytest.MonkeyPatch, key: str,
+                                         variable: str) -> None:
+    monkeypatch.setenv(variable, "hunter2")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "hunter2" not in message
+    assert message == (f"invalid configuration: {key}: Value should have at least 16 "
+                       "characters, not 7")
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    pytest.param("api:\n  token: 1234567890123456789\n", "1234567890123456789",
+                 id="a-number"),
+    pytest.param("operator:\n  api_token: [hunter2]\n", "hunter2", id="a-list"),
+    pytest.param("collector:\n  token: hunter2hunter2\n", "hunter2", id="too-short"),
+])
+def test_a_bad_secret_in_the_file_is_not_shown(tmp_path: Path, text: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=_write(tmp_path, text))
+    assert shown not in str(info.value)
+    assert "(got" not in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "secret", "shown"), [
+    pytest.param("app:hunter2@db:5432/x", "hunter2", "app:***@db:5432/x", id="no-scheme"),
+    pytest.param("postgresql://app:hunt@er2@db:notaport/x", "er2",
+                 "postgresql://app:***@db:notaport/x", id="at-sign-in-password"),
+    pytest.param("postgresql://app@db:notaport/x?sslmode=require&password=hunter2", "hunter2",
+                 "postgresql://app@db:notaport/x?sslmode=require&password=***",
+                 id="password-parameter"),
+    pytest.param("postgresql://:hunter2@db:notaport/x", "hunter2",
+                 "postgresql://:***@db:notaport/x", id="password-only"),
+])
+def test_a_bad_database_url_never_shows_its_password(monkeypatch: pytest.MonkeyPatch,
+                                                     url: str, secret: str,
+                                                     shown: str) -> None:
+    monkeypatch.setenv("S5A_DATABASE__URL", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert secret not in str(info.value)
+    assert f"(got {shown!r})" in str(info.value)
+
+
+def test_a_too_short_string_says_characters() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(node_id="")
+    assert "node_id: String should have at least 1 character" in str(info.value)
+
+
+def test_a_database_url_given_as_the_section_does_not_show_its_password(
+        tmp_path: Path) -> None:
+    path = _write(tmp_path, "database: postgresql://app:hunter2@db/x\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path)
+    assert "hunter2" not in str(info.value)
+    assert "got 'postgresql://app:***@db/x'" in str(info.value)
