@@ -176,7 +176,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> int:
             log.info("collector listening", address=format_address(*bound), version=__version__,
                      metrics=_address_of(metrics_server), tracing=tracer is not None)
             maintenance = asyncio.create_task(run_maintenance_forever(
-                repository, interval=settings.database.maintenance_interval, stop=stop))
+                repository, interval=settings.database.maintenance_interval, stop=stop,
+                on_pass=metrics.maintenance))
             runtime.settle_gc()
             await stop.wait()
             log.info("shutting down", streams=server.servicer.active_streams,

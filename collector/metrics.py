@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from socks5_analytics.storage import MaintenanceResult
+
 __all__ = ["CollectorMetrics", "reason_field"]
 
 _ROW_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000)
@@ -56,6 +58,30 @@ class CollectorMetrics:
         self.commit_seconds = Histogram("s5a_collector_commit_duration_seconds",
                                         "Time of one database write, retries included",
                                         buckets=_COMMIT_BUCKETS, registry=r)
+
+        self.maintenance_passes = Counter(
+            "s5a_collector_maintenance_passes",
+            "Partition maintenance passes, by result (ok; failed; skipped: another "
+            "collector was running one)", ["result"], registry=r)
+        self.partitions = Counter("s5a_collector_partitions",
+                                  "Partitions the maintenance created and dropped (retention)",
+                                  ["action"], registry=r)
+        self.maintenance_ok_time = Gauge(
+            "s5a_collector_maintenance_last_ok_timestamp_seconds",
+            "When this collector last completed a maintenance pass (unix time; 0: never)",
+            registry=r)
+
+    def maintenance(self, result: MaintenanceResult | None) -> None:
+        """Count one maintenance pass (None: it failed)."""
+        if result is None:
+            self.maintenance_passes.labels("failed").inc()
+        elif result.skipped:
+            self.maintenance_passes.labels("skipped").inc()
+        else:
+            self.maintenance_passes.labels("ok").inc()
+            self.partitions.labels("created").inc(len(result.created))
+            self.partitions.labels("dropped").inc(len(result.dropped))
+            self.maintenance_ok_time.set_to_current_time()
 
     def watch(self, *, streams: Callable[[], int], queue_rows: Callable[[], int],
               database_up: Callable[[], bool],

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,10 +30,19 @@ ROOT = Path(__file__).resolve().parents[2]
 class CollectorProcess:
     """`python -m collector` on port 0; the address is read back from its log."""
 
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, port: int,
+                 metrics: str | None = None) -> None:
         self.process = process
         self.port = port
         self.target = f"127.0.0.1:{port}"
+        self.metrics = metrics  # host:port of its Prometheus endpoint
+
+    async def scrape(self) -> str:
+        """Its /metrics text."""
+        assert self.metrics is not None
+        url = f"http://{self.metrics}/metrics"
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10)
+                                       .read().decode())
 
 
 Spawn = Callable[[], Any]
@@ -61,7 +73,7 @@ async def spawn(database_url: str, tmp_path: Path) -> AsyncIterator[Spawn]:
             if record.get("message") == "collector listening":
                 port = int(record["address"].rsplit(":", 1)[1])
                 drains.append(asyncio.create_task(_drain(process.stderr)))
-                return CollectorProcess(process, port)
+                return CollectorProcess(process, port, record.get("metrics"))
         raise AssertionError(f"the collector exited: {await process.wait()}")
 
     yield start
@@ -162,5 +174,13 @@ async def test_a_running_collector_keeps_the_partitions(
         while (await db.fetchval("SELECT to_regclass($1)", ahead) is None
                or await db.fetchval("SELECT to_regclass($1)", old) is not None):
             await asyncio.sleep(0.05)  # polling the pass's effect, with the deadline above
+    metrics = await collector.scrape()
+    assert 's5a_collector_maintenance_passes_total{result="ok"} 1.0' in metrics
+    dropped = re.search(r'^s5a_collector_partitions_total\{action="dropped"\} (\S+)$', metrics,
+                        re.MULTILINE)
+    assert dropped is not None and float(dropped[1]) >= 1
+    last_ok = re.search(r"^s5a_collector_maintenance_last_ok_timestamp_seconds (\S+)$",
+                        metrics, re.MULTILINE)
+    assert last_ok is not None and abs(float(last_ok[1]) - time.time()) < 60
     collector.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(collector.process.wait(), 30) == 0
