@@ -24,7 +24,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-database": {
         "postgresql": {"enabled": False},
         "database": {"external": {"secretName": "analytics-db", "secretKey": "dsn"}},
-        "migrations": {"backoffLimit": 3},
     },
     "no-tracing-no-hpa": {
         "tracing": {"enabled": False},
@@ -54,6 +53,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "policy-secret-watch": {
         "proxy": {"policySecretWatch": {"enabled": True}, "autoscaling": {"enabled": False}},
         "networkPolicy": {"enabled": True},
+        "migrations": {"enabled": False},
     },
     "cluster-ip-bundled-db-with-monitoring": {
         "proxy": {"service": {"type": "ClusterIP"}},
@@ -124,7 +124,7 @@ def test_pods_are_locked_down(rendered: tuple[str, dict[str, str]]) -> None:
         pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        for container in pod["containers"]:
+        for container in (*pod.get("initContainers", ()), *pod["containers"]):
             context = container["securityContext"]
             assert context["readOnlyRootFilesystem"] is True, container["name"]
             assert context["allowPrivilegeEscalation"] is False
@@ -152,7 +152,10 @@ def test_proxy_mounts_the_policy_directory_and_rolls_on_config(
     port = next(p for p in _containers(operator)[0]["ports"] if p["name"] == probe["port"])
     assert probe["path"] == "/healthz"
     assert op_env["S5A_OPERATOR__HEALTH_LISTEN"] == f"0.0.0.0:{port['containerPort']}"
-    assert container["readinessProbe"]["tcpSocket"]["port"] == "socks"
+    # Ready once it serves its metrics, on the port the node was told to serve them.
+    ready = container["readinessProbe"]["httpGet"]
+    metrics_port = next(p for p in container["ports"] if p["name"] == ready["port"])
+    assert env["S5A_PROXY__METRICS_LISTEN"] == f"0.0.0.0:{metrics_port['containerPort']}"
     assert pod["spec"]["terminationGracePeriodSeconds"] > int(env["S5A_PROXY__SHUTDOWN_GRACE"])
     service = _by_kind(manifests, "Service", "-proxy")
     if service["spec"]["type"] != "ClusterIP":
@@ -217,11 +220,42 @@ def test_the_policy_secret_watch_is_opt_in_and_reads_one_secret(
                                     "namespace": NAMESPACE}]
 
 
-def test_migrations_run_as_a_hook(rendered: tuple[str, dict[str, str]]) -> None:
+def test_migrations_run_before_the_database_side_starts(
+        rendered: tuple[str, dict[str, str]]) -> None:
+    """An init container of the API and collector pods, never a Helm hook: a post-install
+    hook runs only after `helm install --wait` saw every pod ready, and the API is not ready
+    before the schema exists, so such an install would wait for ever."""
+    name, manifests = rendered
+    enabled = VALUE_SETS[name].get("migrations", {}).get("enabled", True)
+    docs = _documents(manifests)
+    assert not [d for d in docs if d["kind"] == "Job"
+                or "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    for component in ("-api", "-collector"):
+        pod = _by_kind(manifests, "Deployment", component)["spec"]["template"]["spec"]
+        if not enabled:
+            assert "initContainers" not in pod
+            continue
+        [init] = pod["initContainers"]
+        assert init["args"] == ["migrate", "upgrade"]
+        assert init["image"] == pod["containers"][0]["image"]
+        assert {e["name"] for e in init["env"]} >= {"S5A_DATABASE__URL"}
+    for component in ("-proxy", "-operator"):
+        pod = _by_kind(manifests, "Deployment", component)["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+
+
+def test_no_probe_opens_a_socks_connection(rendered: tuple[str, dict[str, str]]) -> None:
+    """A probe of the SOCKS port would be recorded as a failed connection every few
+    seconds, in the stats and the error-ratio alert."""
     _, manifests = rendered
-    job = _by_kind(manifests, "Job")
-    assert "pre-upgrade" in job["metadata"]["annotations"]["helm.sh/hook"]
-    assert _containers(job)[0]["args"][0] == "migrate"
+    proxy = _by_kind(manifests, "Deployment", "-proxy")
+    [container] = [c for c in _containers(proxy) if c["name"] == "proxy"]
+    socks_ports = {p["name"] for p in container["ports"] if p["containerPort"] == 1080}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in container:
+            check = container[probe]
+            assert "tcpSocket" not in check and "grpc" not in check, probe
+            assert check["httpGet"]["port"] not in (*socks_ports, 1080), probe
 
 
 def test_operator_rbac_is_least_privilege(rendered: tuple[str, dict[str, str]]) -> None:

@@ -122,3 +122,28 @@ checksum/otel: {{ include (print .Template.BasePath "/otel-configmap.yaml") . | 
 {{- define "s5a.collectorAddress" -}}
 {{- printf "%s-collector:50051" (include "s5a.fullname" .) }}
 {{- end }}
+
+{{/* The schema, before the API or the collector starts: `migrate upgrade` in an init
+container of their pods. Not a Helm hook: a post-install hook runs only after `helm install
+--wait` (or Flux, Argo CD) saw every pod ready, and the API is not ready before the schema
+is there. Migrations hold a database lock, so pods starting together wait for each other;
+at the head revision it only checks. An init container that finds no database yet (the
+bundled one still starting) fails and is restarted by the kubelet until it can. */}}
+{{- define "s5a.migrateInit" -}}
+{{- if .Values.migrations.enabled }}
+initContainers:
+  - name: migrate
+    image: {{ include "s5a.image" (dict "ctx" . "image" .Values.image.app) }}
+    imagePullPolicy: {{ .Values.image.app.pullPolicy }}
+    args: ["migrate", "upgrade"]
+    env:
+      {{- include "s5a.commonEnv" . | nindent 6 }}
+      {{- include "s5a.databaseEnv" . | nindent 6 }}
+    resources:
+      requests: {cpu: 50m, memory: 128Mi}
+      limits: {memory: 256Mi}
+    securityContext: {{- toYaml .Values.securityContext | nindent 6 }}
+    volumeMounts:
+      - {name: tmp, mountPath: /tmp}
+{{- end }}
+{{- end }}
