@@ -55,6 +55,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
         "migrations": {"enabled": False},
     },
+    "secured-collector-link": {
+        "collector": {"tokenSecret": "collector-token",
+                      "tls": {"secretName": "collector-tls", "serverName": "collector.example"}},
+        "networkPolicy": {"enabled": True},
+    },
     "cluster-ip-bundled-db-with-monitoring": {
         "proxy": {"service": {"type": "ClusterIP"}},
         "serviceMonitor": {"enabled": True},
@@ -176,7 +181,8 @@ def test_container_settings_load(rendered: tuple[str, dict[str, str]],
     for doc in _documents(manifests):
         if doc["kind"] not in ("Deployment", "Job"):
             continue
-        for container in doc["spec"]["template"]["spec"]["containers"]:
+        pod = doc["spec"]["template"]["spec"]
+        for container in (*pod.get("initContainers", ()), *pod["containers"]):
             if not container.get("args"):
                 continue
             with monkeypatch.context() as env:
@@ -317,3 +323,50 @@ def test_autoscaling_needs_min_at_most_max(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmError,
                        match=r"minReplicas \(5\) must not exceed maxReplicas \(2\)"):
         chart.render(values, name="demo", namespace=NAMESPACE, is_install=True)
+
+
+def _file_source(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) that a file path of a container comes from."""
+    # The deepest mount holding the path: /etc/socks5-analytics/tls, not /etc/socks5-analytics.
+    for mount in sorted(container["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            name = path[len(prefix):]
+            keys = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+            return volume["secret"]["secretName"], keys.get(name, name)
+    raise AssertionError(f"{path} is on no volume")
+
+
+def test_the_collector_link_can_take_a_token_and_tls(
+        rendered: tuple[str, dict[str, str]]) -> None:
+    """Both ends get the same token Secret; the collectors their certificate and key, the
+    proxies only the CA that signed it, each file from the TLS Secret."""
+    name, manifests = rendered
+    link = VALUE_SETS[name].get("collector", {})
+    ends = {}
+    for component, container_name in (("-collector", "collector"), ("-proxy", "proxy")):
+        pod = _by_kind(manifests, "Deployment", component)["spec"]["template"]["spec"]
+        [container] = [c for c in pod["containers"] if c["name"] == container_name]
+        ends[container_name] = (pod, container, {e["name"]: e for e in container["env"]})
+    _, _, server = ends["collector"]
+    _, _, client = ends["proxy"]
+    if not link:
+        assert not [n for n in (*server, *client) if "TOKEN" in n or "TLS" in n]
+        return
+    for env, key in ((server, "S5A_COLLECTOR__TOKEN"), (client, "S5A_PROXY__EVENTS__TOKEN")):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": link["tokenSecret"],
+                                                          "key": "token"}
+    secret = link["tls"]["secretName"]
+    pod, container, env = ends["collector"]
+    assert env["S5A_COLLECTOR__TLS__ENABLED"]["value"] == "true"
+    for variable, key in (("S5A_COLLECTOR__TLS__CERT_FILE", "tls.crt"),
+                          ("S5A_COLLECTOR__TLS__KEY_FILE", "tls.key")):
+        assert _file_source(pod, container, env[variable]["value"]) == (secret, key)
+    pod, container, env = ends["proxy"]
+    assert env["S5A_PROXY__EVENTS__TLS__ENABLED"]["value"] == "true"
+    assert _file_source(pod, container, env["S5A_PROXY__EVENTS__TLS__CA_FILE"]["value"]) == (
+        secret, "ca.crt")
+    assert env["S5A_PROXY__EVENTS__TLS__SERVER_NAME"]["value"] == link["tls"]["serverName"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "collector-tls")
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]  # never the key

@@ -147,3 +147,61 @@ initContainers:
       - {name: tmp, mountPath: /tmp}
 {{- end }}
 {{- end }}
+
+{{/* The proxy -> collector link's token and TLS: the collector's side. */}}
+{{- define "s5a.collectorServerEnv" -}}
+{{- with .Values.collector.tokenSecret }}
+- name: S5A_COLLECTOR__TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: token}
+{{- end }}
+{{- if .Values.collector.tls.secretName }}
+- name: S5A_COLLECTOR__TLS__ENABLED
+  value: "true"
+- name: S5A_COLLECTOR__TLS__CERT_FILE
+  value: /etc/socks5-analytics/tls/tls.crt
+- name: S5A_COLLECTOR__TLS__KEY_FILE
+  value: /etc/socks5-analytics/tls/tls.key
+{{- end }}
+{{- end }}
+
+{{/* ...and the proxies' side: the same token, and the CA that signed the collectors'
+certificate (the Secret's ca.crt). */}}
+{{- define "s5a.collectorClientEnv" -}}
+{{- with .Values.collector.tokenSecret }}
+- name: S5A_PROXY__EVENTS__TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: token}
+{{- end }}
+{{- if .Values.collector.tls.secretName }}
+- name: S5A_PROXY__EVENTS__TLS__ENABLED
+  value: "true"
+- name: S5A_PROXY__EVENTS__TLS__CA_FILE
+  value: /etc/socks5-analytics/tls/ca.crt
+{{- with .Values.collector.tls.serverName }}
+- name: S5A_PROXY__EVENTS__TLS__SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The TLS Secret's files for one side: `keys` are the Secret's keys it needs. */}}
+{{- define "s5a.collectorTlsMount" -}}
+{{- if .Values.collector.tls.secretName }}
+- name: collector-tls
+  mountPath: /etc/socks5-analytics/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "s5a.collectorTlsVolume" -}}
+{{- if .ctx.Values.collector.tls.secretName }}
+- name: collector-tls
+  secret:
+    secretName: {{ .ctx.Values.collector.tls.secretName }}
+    items:
+      {{- range .keys }}
+      - {key: {{ . }}, path: {{ . }}}
+      {{- end }}
+{{- end }}
+{{- end }}
