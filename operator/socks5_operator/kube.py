@@ -8,6 +8,7 @@ three calls: read a Secret, write the policy Secret, patch a resource's status.
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 import tempfile
 from collections.abc import Mapping
@@ -21,9 +22,11 @@ from socks5_operator.render import GROUP, VERSION
 
 __all__ = ["KubeClient", "KubeError", "KubeUnavailable"]
 
+BODY_EXCERPT = 300  # characters of a non-JSON answer quoted in an error
+
 
 class KubeError(Exception):
-    """The API answered with an error status."""
+    """The API answered with an error status (or with a body that is not JSON)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -35,6 +38,14 @@ class KubeUnavailable(KubeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(0, message)
+
+
+def _excerpt(raw: bytes) -> str:
+    """A non-JSON answer's body, on one line and truncated, for an error message."""
+    text = " ".join(raw.decode(errors="replace").split())
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= BODY_EXCERPT else text[:BODY_EXCERPT] + "…"
 
 
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
@@ -89,7 +100,7 @@ class KubeClient:
                 await session.close()
         self._session = self._stale = None
 
-    async def _request(self, method: str, path: str, *, json: Any = None,
+    async def _request(self, method: str, path: str, *, body: Any = None,
                        content_type: str = "application/json") -> dict[str, Any] | None:
         if self._info is None:
             raise KubeUnavailable("not logged in to the Kubernetes API yet")
@@ -104,17 +115,27 @@ class KubeClient:
                 timeout=aiohttp.ClientTimeout(total=30),
             )
         try:
-            async with self._session.request(method, path.lstrip("/"), json=json,
+            async with self._session.request(method, path.lstrip("/"), json=body,
                                              headers={"Content-Type": content_type}) as resp:
                 if resp.status == 404 and method == "GET":
                     return None
-                payload = await resp.json(content_type=None)
-                if resp.status >= 400:
-                    message = payload.get("message") if isinstance(payload, dict) else payload
-                    raise KubeError(resp.status, str(message))
-                return payload if isinstance(payload, dict) else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubeUnavailable(f"{method} {path}: {exc!r}") from exc
+        # The API server answers JSON (a Status on errors), but what sits in front of it
+        # (a proxy, a load balancer, a body-size limit) may answer text: keep the real HTTP
+        # status and say what the body was.
+        try:
+            payload = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            if resp.status >= 400:
+                raise KubeError(resp.status, f"{method} {path}: {_excerpt(raw)}") from None
+            raise KubeError(resp.status, f"{method} {path}: the answer is not JSON: "
+                            f"{_excerpt(raw)}") from None
+        if resp.status >= 400:
+            message = payload.get("message") if isinstance(payload, dict) else None
+            raise KubeError(resp.status, f"{method} {path}: {message or _excerpt(raw)}")
+        return payload if isinstance(payload, dict) else {}
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Secret, or None when there is none."""
@@ -133,14 +154,14 @@ class KubeClient:
         meta = manifest["metadata"]
         collection = f"api/v1/namespaces/{meta['namespace']}/secrets"
         if exists:
-            await self._request("PATCH", f"{collection}/{meta['name']}", json=manifest,
+            await self._request("PATCH", f"{collection}/{meta['name']}", body=manifest,
                                 content_type="application/merge-patch+json")
         else:
-            await self._request("POST", collection, json=manifest)
+            await self._request("POST", collection, body=manifest)
 
     async def patch_status(self, plural: str, namespace: str, name: str,
                            status: Mapping[str, Any]) -> None:
         """Merge-patch a custom resource's status subresource."""
         path = f"apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}/status"
-        await self._request("PATCH", path, json={"status": dict(status)},
+        await self._request("PATCH", path, body={"status": dict(status)},
                             content_type="application/merge-patch+json")

@@ -11,6 +11,13 @@ and a fresh random salt is drawn only for a new or changed password. Deriving th
 the password or the Secret would have been stateless too, but a salt computed from the
 password is a fast hash of it published next to the slow one. Verifications are remembered
 in memory (keyed by a digest of the password), so a steady state costs no scrypt at all.
+
+A policy that cannot be written is never half-applied: too large for a Secret (over
+`max_policy_bytes`, checked before writing) or refused by the API for its content (400, 413,
+422), the policy in force stays (the last one written; put back if the Secret is deleted or
+edited meanwhile), and every resource's status says why (PolicyTooLarge, PolicyRejected).
+A policy too large is an answer, not a failure: the loop waits for the next change at its
+usual pace; a refused write is retried with backoff like any API error.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from socks5_analytics.passwords import PasswordHashError, hash_password, verify_
 from socks5_operator.kube import KubeClient, KubeError
 from socks5_operator.render import (
     GROUP,
+    POLICY_LIMIT,
+    SECRET_DATA_LIMIT,
     VERSION,
     VERSION_ANNOTATION,
     Outcome,
@@ -43,6 +52,7 @@ from socks5_operator.render import (
     parse_user,
     parse_whitelist,
     policy_secret,
+    refused,
     render_policy,
     same_status,
     status_for,
@@ -56,6 +66,9 @@ PLURALS = {"ProxyUser": "proxyusers", "IPWhitelist": "ipwhitelists"}
 STATUS_KEYS = ("observedGeneration", "conditions", "policyVersion", "nodesUpdated",
                "nodesTotal", "nodes")
 HISTORY = 64  # rendered versions remembered for the rollout count
+# API answers that refuse the policy Secret's content (too large for the server, invalid):
+# the same write would be refused again, so the resources say so.
+REFUSED = frozenset({400, 413, 422})
 
 
 class NodesSource(Protocol):
@@ -79,6 +92,7 @@ class ReconcilerOptions:
     rollout_interval: float = 5.0
     node_stale_after: float = 30.0
     retry_max: float = 30.0
+    max_policy_bytes: int = POLICY_LIMIT  # not a setting: what fits in a Secret
 
 
 class PasswordBook:
@@ -150,6 +164,7 @@ class Reconciler:
         self._primed = False
         self._rendered: Rendered | None = None
         self._written: str | None = None  # the policy Secret's data as last rendered
+        self._in_force: dict[str, Any] | None = None  # the manifest last written or found
         self._history: collections.OrderedDict[str, frozenset[tuple[Ref, int]]] = (
             collections.OrderedDict())
         self._node_counts: dict[Ref, tuple[int, int]] = {}
@@ -325,19 +340,26 @@ class Reconciler:
 
         rendered = render_policy(users=users, whitelists=whitelists,
                                  invalid_users=invalid_users, base=options.base)
+        if rendered.size > options.max_policy_bytes:
+            return await self._keep_in_force(rendered, current)
         manifest = policy_secret(rendered, name=options.secret_name,
                                  namespace=options.namespace, key=options.secret_key)
-        unchanged = current is not None and (
-            (current.get("data") or {}).get(options.secret_key) == manifest["data"][
-                options.secret_key]
-            and ((current.get("metadata") or {}).get("annotations") or {}).get(
-                VERSION_ANNOTATION) == rendered.version)
         self._written = manifest["data"][options.secret_key]
-        if not unchanged:
-            await self.client.put_secret(manifest, exists=current is not None)
+        if not self._holds(current, manifest):
+            try:
+                await self.client.put_secret(manifest, exists=current is not None)
+            except KubeError as exc:
+                if exc.status in REFUSED:
+                    log.error("the API refused the policy Secret; not written",
+                              error=str(exc), size=rendered.size, version=rendered.version)
+                    await self._refuse(rendered, "PolicyRejected",
+                                       f"the API server refused the policy Secret "
+                                       f"({rendered.size} bytes): {exc}; retrying")
+                raise
             log.info("policy written", version=rendered.version,
                      secret=f"{options.namespace}/{options.secret_name}",
                      users=sum(1 for o in rendered.outcomes.values() if o.ready))
+        self._in_force = manifest
         self._rendered = rendered
         self._history[rendered.version] = rendered.included()
         self._history.move_to_end(rendered.version)
@@ -347,6 +369,51 @@ class Reconciler:
         self.renders += 1
         self._notify()
         return rendered
+
+    def _holds(self, current: Mapping[str, Any] | None, manifest: Mapping[str, Any]) -> bool:
+        """Whether the policy Secret already holds what `manifest` carries."""
+        if current is None:
+            return False
+        key = self.options.secret_key
+        return bool(
+            (current.get("data") or {}).get(key) == manifest["data"][key]
+            and ((current.get("metadata") or {}).get("annotations") or {}).get(
+                VERSION_ANNOTATION) == manifest["metadata"]["annotations"][VERSION_ANNOTATION])
+
+    async def _keep_in_force(self, rendered: Rendered,
+                             current: Mapping[str, Any] | None) -> Rendered:
+        """The policy is too large for a Secret: write nothing new, keep the one in force
+        (putting it back if it was deleted or edited), and tell every resource."""
+        options = self.options
+        secret = f"{options.namespace}/{options.secret_name}"
+        in_force = self._in_force
+        if in_force is not None and not self._holds(current, in_force):
+            self._written = in_force["data"][options.secret_key]
+            await self.client.put_secret(in_force, exists=current is not None)
+            current = in_force
+            log.warning("policy Secret put back to the last policy written", secret=secret)
+        version: str | None = None
+        if current is None:
+            kept = f"there is no policy Secret {secret}, so new proxy pods cannot start"
+        else:
+            annotations = (current.get("metadata") or {}).get("annotations") or {}
+            version = annotations.get(VERSION_ANNOTATION)
+            kept = f"the policy in force ({version or 'unversioned'}) stays"
+        why = (f"the policy rendered from all ProxyUsers and IPWhitelists is {rendered.size} "
+               f"bytes, over the limit of {options.max_policy_bytes} bytes (a Secret holds at "
+               f"most {SECRET_DATA_LIMIT}): not written, {kept}; remove ProxyUsers or CIDRs "
+               "until it fits")
+        log.error("policy too large for its Secret; not written", size=rendered.size,
+                  limit=options.max_policy_bytes, secret=secret, in_force=version)
+        return await self._refuse(rendered, "PolicyTooLarge", why)
+
+    async def _refuse(self, rendered: Rendered, reason: str, why: str) -> Rendered:
+        """Publish that `rendered` was not written (the rollout counts nothing for it)."""
+        self._rendered = refused(rendered, reason, why)
+        await self._publish_statuses()
+        self.renders += 1
+        self._notify()
+        return self._rendered
 
     async def _credential(self, spec: UserSpec, previous: Mapping[str, str]) -> str | SpecError:
         key = (spec.ref.namespace, spec.secret_name)

@@ -9,12 +9,19 @@ The document follows DESIGN.md "Policy". Its version is the proxies' own: the fi
 digits of the SHA-256 of the whole text, so the version written here is the version every
 node reports once it has loaded the file.
 
-An invalid resource is left out of the policy and reported; the others still apply. Two
-rules keep a bad resource from opening the proxy:
+An invalid resource is left out of the policy and reported; the others still apply. An
+IPWhitelist with some bad entries keeps its good ones in the policy (only the bad ones are
+left out, and reported). Two rules keep a bad resource from opening the proxy:
 - ProxyUsers exist but none is valid: the policy lists one disabled placeholder user, so
   authentication stays required and nobody gets in (no users at all means no authentication).
 - IPWhitelists exist but none is valid: the whitelist holds only the unspecified addresses
   (0.0.0.0/32, ::/128), which no client connects from (an empty whitelist allows everyone).
+
+The whitelist is rendered compactly: the networks of every IPWhitelist are merged per address
+family (`ipaddress.collapse_addresses`: duplicates, overlaps and adjacent networks become one),
+which allows exactly the same sources. The document must fit in a Secret (Kubernetes refuses
+more than 1 MiB of Secret data); `POLICY_LIMIT` is what the reconciler lets through, and
+`refused` gives the outcomes of a policy that was not written.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "parse_whitelist",
     "policy_secret",
     "policy_version",
+    "refused",
     "render_policy",
     "status_for",
 ]
@@ -56,6 +64,12 @@ PLACEHOLDER_HASH = "scrypt$16384$8$1${}${}".format(
     base64.b64encode(b"socks5-operator!").decode(), base64.b64encode(bytes(32)).decode()
 )
 NOBODY = ("0.0.0.0/32", "::/128")
+# Kubernetes refuses a Secret whose data (all keys, decoded) is over 1 MiB. The policy may
+# use all of it but a margin, kept for other keys someone may add to the Secret.
+SECRET_DATA_LIMIT = 1024 * 1024
+POLICY_LIMIT = SECRET_DATA_LIMIT - 16 * 1024
+# Bad CIDRs named in one status message, at most (a status must stay small).
+LISTED_PROBLEMS = 10
 HEADER = "# Rendered by the socks5-analytics operator from ProxyUser and IPWhitelist " \
     "resources. Do not edit.\n"
 
@@ -105,6 +119,7 @@ class WhitelistSpec:
     created: str
     cidrs: tuple[str, ...]
     description: str = ""
+    rejected: tuple[str, ...] = ()  # the bad entries left out, each with why
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,12 @@ class Outcome:
     reason: str
     message: str
     generation: int
+    partial: bool = False  # not Ready, yet some of it is in the policy (its valid CIDRs)
+
+    @property
+    def in_policy(self) -> bool:
+        """Whether the policy carries this resource, all of it or its valid part."""
+        return self.ready or self.partial
 
 
 @dataclass(frozen=True)
@@ -125,9 +146,15 @@ class Rendered:
     version: str
     outcomes: Mapping[Ref, Outcome] = field(default_factory=dict)
 
+    @property
+    def size(self) -> int:
+        """The document's size in bytes, as the Secret holds it (decoded)."""
+        return len(self.text.encode())
+
     def included(self) -> frozenset[tuple[Ref, int]]:
         """The (resource, generation) pairs this policy carries."""
-        return frozenset((ref, o.generation) for ref, o in self.outcomes.items() if o.ready)
+        return frozenset((ref, o.generation) for ref, o in self.outcomes.items()
+                         if o.in_policy)
 
 
 def _meta(body: Mapping[str, Any], kind: str) -> tuple[Ref, int, str]:
@@ -181,27 +208,50 @@ def parse_user(body: Mapping[str, Any]) -> UserSpec:
     )
 
 
-def _network(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _network(text: Any) -> Network:
     if not isinstance(text, str):
         raise SpecError("InvalidCIDR", f"{text!r} is not a CIDR")
     try:
         return ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise SpecError("InvalidCIDR", f"{text!r} is not a CIDR: {exc}") from exc
+        message = f"{text!r} is not a CIDR: {exc}"
+        try:  # host bits set: say which network was probably meant
+            message += f" (the network is {ipaddress.ip_network(text, strict=False)})"
+        except ValueError:
+            pass
+        raise SpecError("InvalidCIDR", message) from exc
+
+
+def _listed(problems: Sequence[str]) -> str:
+    shown = "; ".join(problems[:LISTED_PROBLEMS])
+    more = len(problems) - LISTED_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 def parse_whitelist(body: Mapping[str, Any]) -> WhitelistSpec:
-    """An IPWhitelist body → WhitelistSpec; raise SpecError on a bad or missing CIDR."""
+    """An IPWhitelist body → WhitelistSpec with its valid CIDRs, the bad ones in `rejected`;
+    raise SpecError when it has no valid CIDR at all."""
     ref, generation, created = _meta(body, "IPWhitelist")
     spec = _spec(body)
     cidrs = spec.get("cidrs")
     if not isinstance(cidrs, list) or not cidrs:
         raise SpecError("InvalidSpec", "spec.cidrs needs at least one CIDR")
-    networks = [_network(text) for text in cidrs]
+    networks: list[str] = []
+    rejected: list[str] = []
+    for text in cidrs:
+        try:
+            networks.append(str(_network(text)))
+        except SpecError as exc:
+            rejected.append(exc.message)
+    if not networks:
+        raise SpecError("InvalidCIDR", f"none of its {len(cidrs)} CIDRs is valid, so none is "
+                        f"applied: {_listed(rejected)}")
     return WhitelistSpec(
-        ref=ref, generation=generation, created=created,
-        cidrs=tuple(str(net) for net in networks),
-        description=str(spec.get("description") or ""),
+        ref=ref, generation=generation, created=created, cidrs=tuple(networks),
+        description=str(spec.get("description") or ""), rejected=tuple(rejected),
     )
 
 
@@ -210,9 +260,19 @@ def policy_version(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _sort_key(network: str) -> tuple[int, int, int]:
-    net = ipaddress.ip_network(network)
-    return net.version, int(net.network_address), net.prefixlen
+def _collapsed(networks: Iterable[str]) -> list[str]:
+    """The fewest networks covering exactly the same addresses, IPv4 first, each family in
+    address order (so the same sources always give the same list)."""
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for text in networks:
+        net = ipaddress.ip_network(text)
+        if isinstance(net, ipaddress.IPv4Network):
+            v4.append(net)
+        else:
+            v6.append(net)
+    return ([str(net) for net in sorted(ipaddress.collapse_addresses(v4))]
+            + [str(net) for net in sorted(ipaddress.collapse_addresses(v6))])
 
 
 def render_policy(
@@ -267,11 +327,19 @@ def render_policy(
         any_whitelist = True
         if isinstance(item, WhitelistSpec):
             networks.update(item.cidrs)
-            outcomes[item.ref] = Outcome(True, "Applied", "in the policy", item.generation)
+            if item.rejected:
+                total = len(item.cidrs) + len(item.rejected)
+                outcomes[item.ref] = Outcome(
+                    False, "InvalidCIDR",
+                    f"{len(item.cidrs)} of its {total} CIDRs applied; left out "
+                    f"{len(item.rejected)}: {_listed(item.rejected)}",
+                    item.generation, partial=True)
+            else:
+                outcomes[item.ref] = Outcome(True, "Applied", "in the policy", item.generation)
         else:
             ref, generation, error = item
             outcomes[ref] = Outcome(False, error.reason, error.message, generation)
-    whitelist = sorted(networks, key=_sort_key)
+    whitelist = _collapsed(networks)
     if any_whitelist and not whitelist:
         whitelist = list(NOBODY)
 
@@ -283,6 +351,18 @@ def render_policy(
                                    allow_unicode=True)
     version = policy_version(text)
     return Rendered(text=text, version=version, outcomes=outcomes)
+
+
+def refused(rendered: Rendered, reason: str, why: str) -> Rendered:
+    """The outcomes of a policy that was not written: every resource Ready=False with
+    `reason` and `why` (a resource with a problem of its own also names that problem)."""
+    outcomes = {
+        ref: Outcome(False, reason, why if outcome.ready
+                     else f"{why}; besides, this resource: {outcome.reason}: {outcome.message}",
+                     outcome.generation)
+        for ref, outcome in rendered.outcomes.items()
+    }
+    return Rendered(text=rendered.text, version=rendered.version, outcomes=outcomes)
 
 
 def policy_secret(rendered: Rendered, *, name: str, namespace: str, key: str) -> dict[str, Any]:
@@ -337,9 +417,9 @@ def status_for(
         "observedGeneration": outcome.generation,
         "conditions": [condition("Ready", outcome.ready), condition("Invalid", not outcome.ready)],
     }
-    if outcome.ready:
+    if outcome.in_policy:
         status["policyVersion"] = version
-    if nodes is not None and outcome.ready:
+    if nodes is not None and outcome.in_policy:
         updated, total = nodes
         status.update(nodesUpdated=updated, nodesTotal=total, nodes=f"{updated}/{total}")
     return status

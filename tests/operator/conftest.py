@@ -64,7 +64,8 @@ def run_operator(cluster: kmock.KubernetesEmulator, kube: Kube) -> OperatorFacto
     async def start(nodes: NodesSource | None = None, liveness: str | None = None,
                     **options: Any) -> AsyncIterator[Operator]:
         settings = ReconcilerOptions(namespace=NS, secret_name=SECRET, secret_key="policy.yaml",
-                                     base=options.pop("base", {}), debounce=0.01, **options)
+                                     base=options.pop("base", {}),
+                                     debounce=options.pop("debounce", 0.01), **options)
         test_loop = asyncio.get_running_loop()
         rendered = asyncio.Event()
         made: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event,

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
+import re
 import socket
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import pytest
 from operator_harness import NS, SECRET, Kube, Operator, OperatorFactory, secret, user, whitelist
 
 from socks5_analytics.passwords import verify_password
 from socks5_analytics.policy import parse_policy
+from socks5_operator.render import POLICY_LIMIT, SECRET_DATA_LIMIT
 
 
 def _users(text: str | None) -> dict[str, Any]:
@@ -194,6 +198,178 @@ async def test_deleted_objects_leave_the_policy(operator: Operator) -> None:
     policy = parse_policy(await kube.policy_text() or "")
     assert policy.requires_auth
     assert all(u.disabled for u in policy.users)
+
+
+async def test_a_bad_cidr_leaves_the_rest_of_its_whitelist_in_force(operator: Operator) -> None:
+    """A typo in the only IPWhitelist (host bits set: the CRD pattern lets it through) must
+    not lock every client out: its valid CIDRs apply, the bad one is reported."""
+    kube = operator.kube
+    await kube.create(whitelist("office", "198.51.100.1/24", "203.0.113.0/24",
+                                "2001:db8::/32"))
+
+    async def reported() -> bool:
+        return await kube.ready("IPWhitelist", "office") == ("False", "InvalidCIDR")
+
+    await operator.until(reported)
+    policy = parse_policy(await kube.policy_text() or "")
+    assert policy.whitelist == ["203.0.113.0/24", "2001:db8::/32"]
+    status = (await kube.get("IPWhitelist", "office") or {})["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == (
+        "2 of its 3 CIDRs applied; left out 1: '198.51.100.1/24' is not a CIDR: "
+        "198.51.100.1/24 has host bits set (the network is 198.51.100.0/24)")
+    assert status["policyVersion"] == policy.version  # its valid part is in this policy
+    # Fixed: Ready, every CIDR applied.
+    await kube.patch("IPWhitelist", "office",
+                     {"spec": {"cidrs": ["198.51.100.0/24", "203.0.113.0/24"]}})
+
+    async def fixed() -> bool:
+        return await kube.ready("IPWhitelist", "office") == ("True", "Applied")
+
+    await operator.until(fixed)
+    assert parse_policy(await kube.policy_text() or "").whitelist == [
+        "198.51.100.0/24", "203.0.113.0/24"]
+
+
+def _scattered(block: int, count: int) -> list[str]:
+    """`count` IPv6 /128 networks, written at full length, no two of which merge."""
+    base = int(ipaddress.IPv6Address("2001:db8:1234:5678:9abc:def0:1000:1"))
+    return [f"{ipaddress.IPv6Address(base + (block << 32) + 2 * i)}/128" for i in range(count)]
+
+
+async def _all_ready_as(kube: Kube, names: list[tuple[str, str]],
+                        expected: tuple[str, str]) -> bool:
+    return all([await kube.ready(*name) == expected for name in names])
+
+
+def _size_and_limit(message: str) -> tuple[int, int]:
+    found = re.search(r"is (\d+) bytes, over the limit of (\d+) bytes", message)
+    assert found, message
+    return int(found[1]), int(found[2])
+
+
+async def test_a_policy_too_large_for_a_secret_is_not_written_and_says_so(
+        run_operator: OperatorFactory, kube: Kube, cluster: Any) -> None:
+    """The CRDs' limits allow more than a Secret holds (8 IPWhitelists of 4096 /128s render
+    about 1.5 MB; Kubernetes refuses Secret data over 1 MiB). Nothing is written then: the
+    policy in force stays (revocations and all), every resource says why, and the first
+    change that brings the policy under the limit applies."""
+    await kube.create(secret("pw", password="pw-a"))
+    await kube.create(user("alice", "alice", "pw"))
+    await kube.create(whitelist("office", "203.0.113.0/24"))
+    async with run_operator() as operator:
+        async def applied() -> bool:
+            return await _all_ready_as(kube, [("ProxyUser", "alice"),
+                                              ("IPWhitelist", "office")], ("True", "Applied"))
+
+        await operator.until(applied)
+    before = await kube.policy_text()
+    version = parse_policy(before or "").version
+    writes = _secret_writes(cluster)
+    # Applied together (kubectl apply -f dir/), while the operator restarts.
+    big = [f"big-{n}" for n in range(8)]
+    for n, name in enumerate(big):
+        await kube.create(whitelist(name, *_scattered(n, 4096)))
+    names = [("ProxyUser", "alice"), ("IPWhitelist", "office"),
+             *[("IPWhitelist", name) for name in big]]
+    # A longer quiet window, so that deleting seven whitelists below is one render.
+    async with run_operator(debounce=0.5) as operator:
+        async def too_large() -> bool:
+            return await _all_ready_as(kube, names, ("False", "PolicyTooLarge"))
+
+        await operator.until(too_large, timeout=60)
+        assert await kube.policy_text() == before
+        assert _secret_writes(cluster) == writes  # not even tried
+        status = (await kube.get("IPWhitelist", "big-0") or {})["status"]
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        size, limit = _size_and_limit(ready["message"])
+        assert limit == POLICY_LIMIT and SECRET_DATA_LIMIT < size < 2 * SECRET_DATA_LIMIT
+        assert f"the policy in force ({version}) stays" in ready["message"]
+        assert status.get("policyVersion") is None
+        for name in big[1:]:
+            await kube.delete("IPWhitelist", name)
+
+        async def fits() -> bool:
+            return await _all_ready_as(kube, names[:3], ("True", "Applied"))
+
+        await operator.until(fits, timeout=60)
+    policy = parse_policy(await kube.policy_text() or "")
+    assert len(policy.whitelist) == 4096 + 1
+    assert [u.username for u in policy.users] == ["alice"]
+
+
+async def test_while_too_large_the_last_policy_written_is_kept_in_place(
+        run_operator: OperatorFactory, kube: Kube) -> None:
+    """The policy Secret is still the operator's alone while it cannot write a new one:
+    deleted or edited by hand, the last policy it wrote is put back."""
+    await kube.create(secret("pw", password="pw-a"))
+    await kube.create(user("alice", "alice", "pw"))
+    await kube.create(whitelist("office", "203.0.113.0/24"))
+    names = [("ProxyUser", "alice"), ("IPWhitelist", "office"), ("IPWhitelist", "more")]
+    async with run_operator(max_policy_bytes=2048) as operator:
+        async def applied() -> bool:
+            return await _all_ready_as(kube, names[:2], ("True", "Applied"))
+
+        await operator.until(applied)
+        before = await kube.policy_text()
+        await kube.create(whitelist("more", *_scattered(0, 100)))
+
+        async def too_large() -> bool:
+            return await _all_ready_as(kube, names, ("False", "PolicyTooLarge"))
+
+        await operator.until(too_large)
+        assert await kube.policy_text() == before
+        status = (await kube.get("ProxyUser", "alice") or {})["status"]
+        size, limit = _size_and_limit(status["conditions"][0]["message"])
+        assert limit == 2048 < size
+
+        async def restored() -> bool:
+            return await kube.policy_text() == before
+
+        await kube.delete("Secret", SECRET)
+        await operator.until(restored)
+        open_door = base64.b64encode(b"users: []\n").decode()
+        await kube.patch("Secret", SECRET, {"data": {"policy.yaml": open_door}})
+        await operator.until(restored)
+        # Small enough again: written at once.
+        await kube.patch("IPWhitelist", "more", {"spec": {"cidrs": _scattered(0, 2)}})
+
+        async def fits() -> bool:
+            return await _all_ready_as(kube, names, ("True", "Applied"))
+
+        await operator.until(fits)
+        assert parse_policy(await kube.policy_text() or "").whitelist == [
+            "203.0.113.0/24", *_scattered(0, 2)]
+
+
+# The policy's JSON body is over 1 MiB: aiohttp warns about sending it in one piece.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_secret_the_api_refuses_is_reported_and_retried(
+        run_operator: OperatorFactory, kube: Kube) -> None:
+    """Under the operator's own limit but refused by the API server (kmock refuses a body
+    over 1 MiB with a 413 in plain text): every resource says so, with the real status."""
+    big = [f"big-{n}" for n in range(5)]  # about 940 kB: 1.25 MB once base64-encoded
+    for n, name in enumerate(big):
+        await kube.create(whitelist(name, *_scattered(n, 4096)))
+    names = [("IPWhitelist", name) for name in big]
+    async with run_operator(max_policy_bytes=4 * SECRET_DATA_LIMIT, debounce=0.5) as operator:
+        async def refused() -> bool:
+            return await _all_ready_as(kube, names, ("False", "PolicyRejected"))
+
+        await operator.until(refused, timeout=60)
+        status = (await kube.get("IPWhitelist", "big-0") or {})["status"]
+        message = status["conditions"][0]["message"]
+        assert "HTTP 413: POST api/v1/namespaces/proxies/secrets: " in message
+        assert "Maximum request body size" in message and "JSONDecodeError" not in message
+        assert await kube.policy_text() is None
+        for name in big[2:]:
+            await kube.delete("IPWhitelist", name)
+
+        async def written() -> bool:
+            return await _all_ready_as(kube, names[:2], ("True", "Applied"))
+
+        await operator.until(written, timeout=60)
+    assert len(parse_policy(await kube.policy_text() or "").whitelist) == 2 * 4096
 
 
 async def test_only_invalid_whitelists_allow_nobody(operator: Operator) -> None:

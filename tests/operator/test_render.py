@@ -9,6 +9,7 @@ import pytest
 from socks5_analytics.passwords import hash_password
 from socks5_analytics.policy import parse_policy
 from socks5_operator.render import (
+    LISTED_PROBLEMS,
     PLACEHOLDER_USER,
     Outcome,
     Ref,
@@ -16,6 +17,7 @@ from socks5_operator.render import (
     parse_user,
     parse_whitelist,
     policy_secret,
+    refused,
     render_policy,
     same_status,
     status_for,
@@ -86,11 +88,96 @@ def test_a_whitelist_whose_spec_is_not_a_mapping_is_invalid() -> None:
     assert caught.value.reason == "InvalidSpec"
 
 
-@pytest.mark.parametrize("cidr", ["10.0.0.1/8", "10.0.0.0/33", "nope", "::1/200", 42, ""])
-def test_bad_cidrs(cidr: Any) -> None:
+BAD_CIDRS = ["10.0.0.1/8", "10.0.0.0/33", "nope", "::1/200", 42, ""]
+
+
+@pytest.mark.parametrize("cidr", BAD_CIDRS)
+def test_a_whitelist_with_no_valid_cidr_is_invalid(cidr: Any) -> None:
     with pytest.raises(SpecError) as caught:
-        parse_whitelist(_whitelist("w", "10.0.0.0/8", cidr))
+        parse_whitelist(_whitelist("w", cidr))
     assert caught.value.reason == "InvalidCIDR"
+    assert repr(cidr) in caught.value.message
+
+
+@pytest.mark.parametrize("cidr", BAD_CIDRS)
+def test_a_bad_cidr_leaves_only_itself_out(cidr: Any) -> None:
+    spec = parse_whitelist(_whitelist("w", "10.0.0.0/8", cidr))
+    assert spec.cidrs == ("10.0.0.0/8",)
+    [problem] = spec.rejected
+    assert problem.startswith(f"{cidr!r} is not a CIDR")
+
+
+def test_a_partly_valid_whitelist_applies_its_valid_cidrs_and_says_which_are_not() -> None:
+    """One typo in a long list must not drop the list (with it the only whitelist, that
+    would lock every client out): the rest applies, and the status names each bad entry."""
+    partly = parse_whitelist(_whitelist("office", "198.51.100.1/24", "203.0.113.0/24", "nope",
+                                        "2001:db8::/32"))
+    rendered = render_policy(users=[], whitelists=[partly])
+    assert parse_policy(rendered.text).whitelist == ["203.0.113.0/24", "2001:db8::/32"]
+    outcome = rendered.outcomes[partly.ref]
+    assert (outcome.ready, outcome.reason, outcome.in_policy) == (False, "InvalidCIDR", True)
+    assert outcome.message.startswith("2 of its 4 CIDRs applied; left out 2: ")
+    assert "'198.51.100.1/24' is not a CIDR: 198.51.100.1/24 has host bits set (the network " \
+        "is 198.51.100.0/24)" in outcome.message
+    assert "'nope' is not a CIDR" in outcome.message
+    # The policy carries it: its status gets the version, the rollout counts it.
+    assert rendered.included() == {(partly.ref, partly.generation)}
+    status = status_for(outcome, version=rendered.version, current=None, now="T",
+                        nodes=(1, 2))
+    assert (status["policyVersion"], status["nodes"]) == (rendered.version, "1/2")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidCIDR")
+
+
+def test_a_status_names_a_few_bad_cidrs_and_counts_the_rest() -> None:
+    bad = [f"10.0.{i}.1/24" for i in range(50)]
+    spec = parse_whitelist(_whitelist("w", "192.0.2.0/24", *bad))
+    message = render_policy(users=[], whitelists=[spec]).outcomes[spec.ref].message
+    assert message.startswith("1 of its 51 CIDRs applied; left out 50: ")
+    assert message.count("is not a CIDR") == LISTED_PROBLEMS
+    assert message.endswith(f"; and {50 - LISTED_PROBLEMS} more")
+    with pytest.raises(SpecError) as caught:
+        parse_whitelist(_whitelist("w", *bad))
+    assert caught.value.message.startswith("none of its 50 CIDRs is valid, so none is applied")
+    assert caught.value.message.endswith(f"; and {50 - LISTED_PROBLEMS} more")
+
+
+def test_the_whitelist_is_merged_into_the_fewest_networks() -> None:
+    """Duplicates, overlaps and neighbours across IPWhitelists become one network per
+    range (the same sources are allowed), in one order whatever the input order."""
+    lists = [
+        parse_whitelist(_whitelist("a", "10.0.0.0/25", "2001:db8::/33", "192.0.2.0/24",
+                                   "198.51.100.7/32")),
+        parse_whitelist(_whitelist("b", "10.0.0.128/25", "2001:db8:8000::/33",
+                                   "192.0.2.64/26", "172.16.0.0/12", "198.51.100.7/32")),
+    ]
+    one = render_policy(users=[], whitelists=lists)
+    two = render_policy(users=[], whitelists=lists[::-1])
+    assert one.text == two.text
+    merged = ["10.0.0.0/24", "172.16.0.0/12", "192.0.2.0/24", "198.51.100.7/32",
+              "2001:db8::/32"]
+    assert parse_policy(one.text).whitelist == merged
+    # Block style with no indentation to spare: one "- network" line each.
+    assert "\nwhitelist:\n" + "".join(f"- {net}\n" for net in merged) in one.text
+    assert one.included() == {(spec.ref, spec.generation) for spec in lists}
+
+
+def test_a_refused_policy_makes_every_resource_not_ready() -> None:
+    good = parse_whitelist(_whitelist("good", "192.0.2.0/24"))
+    partly = parse_whitelist(_whitelist("partly", "10.0.0.0/8", "10.0.0.1/8"))
+    user = parse_user(_user("u"))
+    rendered = render_policy(users=[(user, HASH)], whitelists=[good, partly])
+    refusal = refused(rendered, "PolicyTooLarge", "2000000 bytes, over 1032192")
+    assert refusal.version == rendered.version
+    assert not refusal.included()
+    assert {(o.ready, o.reason) for o in refusal.outcomes.values()} == {
+        (False, "PolicyTooLarge")}
+    assert refusal.outcomes[good.ref].message == "2000000 bytes, over 1032192"
+    assert refusal.outcomes[partly.ref].message.startswith(
+        "2000000 bytes, over 1032192; besides, this resource: InvalidCIDR: 1 of its 2 ")
+    status = status_for(refusal.outcomes[user.ref], version=refusal.version, current=None,
+                        now="T", nodes=(3, 3))
+    assert "policyVersion" not in status and "nodes" not in status
 
 
 def test_invalid_resources_fail_closed() -> None:
