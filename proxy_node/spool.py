@@ -151,10 +151,6 @@ class Spool:
         self._read = end
         return end, payload
 
-    def rewind(self) -> None:
-        """Read again from the oldest record still on disk (after in-flight records were lost)."""
-        self._read = SpoolPosition(min(self._sizes), 0)
-
     def ack(self, position: SpoolPosition) -> None:
         """Everything up to `position` is committed: delete segments no longer needed."""
         for segment in sorted(self._sizes):
