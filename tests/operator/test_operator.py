@@ -323,14 +323,7 @@ async def test_while_too_large_the_last_policy_written_is_kept_in_place(
         size, limit = _size_and_limit(status["conditions"][0]["message"])
         assert limit == 2048 < size
 
-        async def restored() -> bool:
-            return await kube.policy_text() == before
-
-        await kube.delete("Secret", SECRET)
-        await operator.until(restored)
-        open_door = base64.b64encode(b"users: []\n").decode()
-        await kube.patch("Secret", SECRET, {"data": {"policy.yaml": open_door}})
-        await operator.until(restored)
+        await _put_back_when_deleted_or_edited(operator, kube, before)
         # Small enough again: written at once.
         await kube.patch("IPWhitelist", "more", {"spec": {"cidrs": _scattered(0, 2)}})
 
@@ -465,14 +458,7 @@ async def test_the_policy_secret_is_put_back_when_deleted_or_edited(operator: Op
     rendered = await kube.policy_text()
     assert rendered is not None and set(_users(rendered)) == {"alice"}
 
-    async def restored() -> bool:
-        return await kube.policy_text() == rendered
-
-    await kube.delete("Secret", SECRET)
-    await operator.until(restored)
-    open_door = base64.b64encode(b"users: []\n").decode()
-    await kube.patch("Secret", SECRET, {"data": {"policy.yaml": open_door}})
-    await operator.until(restored)
+    await _put_back_when_deleted_or_edited(operator, kube, rendered)
 
 
 async def test_a_password_no_client_could_send_is_invalid(operator: Operator) -> None:
@@ -525,3 +511,16 @@ async def test_the_liveness_endpoint_answers(run_operator: OperatorFactory, kube
                     if asyncio.get_running_loop().time() > deadline:
                         raise
                     await asyncio.sleep(0.1)
+
+
+async def _put_back_when_deleted_or_edited(operator: Operator, kube: Kube, text: str) -> None:
+    """The policy Secret is the operator's alone: deleted, or edited by hand to open the
+    door, it is written again as `text`."""
+    async def restored() -> bool:
+        return await kube.policy_text() == text
+
+    await kube.delete("Secret", SECRET)
+    await operator.until(restored)
+    open_door = base64.b64encode(b"users: []\n").decode()
+    await kube.patch("Secret", SECRET, {"data": {"policy.yaml": open_door}})
+    await operator.until(restored)
