@@ -8,10 +8,13 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy_node import sink as sink_module
 from proxy_node.events import ConnectionEvent, ConnectionRecord
 from proxy_node.sink import JsonLinesSink
 
@@ -82,3 +85,33 @@ def test_the_file_sink_writes_the_registered_domain(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(e["domain"], e["registered_domain"]) for e in lines] == [
         ("WWW.BBC.co.uk", "bbc.co.uk"), (None, None), ("localhost", None)]
+
+
+def test_the_file_sink_loads_the_suffix_list_only_for_a_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Public Suffix List costs some 1.3 MB: a node whose clients send only addresses
+    never loads it; the first name loads it once."""
+    loads = []
+    real = sink_module.default_suffix_list
+
+    def counted() -> Any:
+        loads.append(1)
+        return real()
+
+    monkeypatch.setattr(sink_module, "default_suffix_list", counted)
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(path, capacity=100, flush_interval=0.01)
+
+    async def write() -> None:
+        await sink.start()
+        for _ in range(3):
+            sink.emit(_event(None, "192.0.2.9"))
+        await asyncio.sleep(0.2)  # the writer thread flushes every 10 ms
+        assert path.read_text().count("\n") == 3 and not loads
+        sink.emit(_event("www.bbc.co.uk", "www.bbc.co.uk"))
+        sink.emit(_event("news.bbc.co.uk", "news.bbc.co.uk"))
+        await sink.close()
+
+    asyncio.run(write())
+    assert len(loads) == 1
+    assert path.read_text().count('"registered_domain": "bbc.co.uk"') == 2
