@@ -250,9 +250,16 @@ def _encode_cursor(started_at: datetime, event_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# Exactly what _encode_cursor writes: int() and UUID() alone would also take "+5", " 5",
+# "5_0", other scripts' digits, and UUIDs with dashes, braces or "urn:uuid:".
+_CURSOR = re.compile(r"-?[0-9]{1,19}:[0-9a-f]{32}")
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not _CURSOR.fullmatch(raw):
+            raise ValueError(raw)
         micros, _, hex_id = raw.partition(":")
         return _ORIGIN + timedelta(microseconds=int(micros)), uuid.UUID(hex=hex_id)
     except (ValueError, binascii.Error, OverflowError) as exc:

@@ -106,7 +106,13 @@ BAD_CURSORS = [
         ("huge", f"99999999999999999999999:{_UUID}")]),
     *(pytest.param(_base64url(raw), id=f"base64url-{name}") for name, raw in [
         ("bad-id", "1:zz"), ("huge", f"99999999999999999999999:{_UUID}"), ("no-id", "5"),
-        ("no-time", f":{_UUID.replace('-', '')}")]),
+        ("no-time", f":{_UUID.replace('-', '')}"),
+        # what int() and UUID() would take, but the API never hands out
+        ("plus", f"+5:{_UUID.replace('-', '')}"), ("space", f" 5:{_UUID.replace('-', '')}"),
+        ("underscore", f"5_0:{_UUID.replace('-', '')}"),
+        ("other-digits", f"\u0665:{_UUID.replace('-', '')}"),
+        ("dashed-id", f"5:{_UUID}"), ("braced-id", f"5:{{{_UUID}}}"),
+        ("urn-id", f"5:urn:uuid:{_UUID}"), ("upper-id", f"5:{_UUID.replace('-', '').upper()}")]),
     pytest.param(base64.urlsafe_b64encode(b"\xff\xfe:1").decode().rstrip("="),
                  id="base64url-not-utf8"),
 ]
