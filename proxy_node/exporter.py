@@ -1,12 +1,14 @@
-"""The gRPC event exporter: the proxy's events to the collectors, with nothing lost.
+"""The gRPC event exporter: the proxy's events to the collectors, with nothing lost but
+what a crash finds only in memory (see docs/exporter.md).
 
 `emit()` is a non-waiting append to a bounded in-memory buffer (never blocking the relay).
 A batcher turns the buffer into serialized batches every `flush_interval` or every
 `batch_max_events`. A batch goes straight to the stream while the collector keeps up;
 otherwise (collector slow or down, or older batches already spooled) it goes to the disk
 spool, which is replayed in order once the collector is back. Sent batches stay in memory
-until the collector acknowledges their commit and are resent on the next stream after a
-reconnect; event ids make resending harmless. Collector addresses are tried in turn, with
+until the collector acknowledges their commit; when the stream breaks, the ones memory alone
+holds go to the spool, and everything is resent on the next stream; event ids make
+resending harmless. Collector addresses are tried in turn, with
 exponential backoff and jitter. On shutdown the exporter drains what it can within
 `drain_timeout` and spools the rest for the next start. What is dropped when even the
 spool is full is counted and logged once per interval.
@@ -363,6 +365,7 @@ class GrpcExporter:
                 raise
             except Exception as exc:  # the task's top: any failure means reconnect, never stop
                 self.connected = False
+                await self._spool_memory()
                 if self._stream_opened:
                     # A stream that was up: a new outage, logged, retried from the start of
                     # the backoff (not where the last outage left it).
@@ -381,6 +384,23 @@ class GrpcExporter:
                 delay = min(self.settings.backoff_max, self.settings.backoff_initial * 2**attempt)
                 attempt = min(attempt + 1, 30)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _spool_memory(self) -> None:
+        """The stream broke: what only memory holds (sent and unanswered, or ready to send)
+        goes to the spool, so that a crash during the outage loses none of it. It is sent
+        again from there, after what was spooled before it (order does not matter to the
+        collector: event ids and cumulative interim counts make every order count once).
+        Batches read from the spool stay in flight, to be resent first."""
+        if self._spool is None:
+            return
+        moving = [b for b in self._inflight if b.position is None]
+        moving += self._ready
+        if not moving:
+            return
+        self._inflight = deque(b for b in self._inflight if b.position is not None)
+        self._ready.clear()
+        for batch in moving:
+            await self._spool_batch(batch)
 
     def _hello(self) -> bytes:
         identity = self.identity

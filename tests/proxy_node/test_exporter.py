@@ -400,3 +400,78 @@ def test_a_spool_being_replayed_frees_room_as_it_goes(tmp_path: Path) -> None:
 
     assert fill_then_replay_half(segment_bytes_for(1 << 20))
     assert not fill_then_replay_half(4 * 1024 * 1024)  # the old segment size
+
+
+_CHILD = """
+import asyncio, sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from proxy_node.events import ConnectionRecord
+from proxy_node.exporter import GrpcExporter, NodeIdentity
+from socks5_analytics.config import EventSinkSettings
+from socks5_analytics.logs import get_logger
+
+port, spool, count = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    settings = EventSinkSettings(sink="grpc", collectors=[("127.0.0.1", port)],
+                                 spool_dir=spool, flush_interval=0.02, batch_max_events=50,
+                                 backoff_initial=0.05, backoff_max=0.1)
+    identity = NodeIdentity("node-a", "0.1.0", b"\\x01" * 16, datetime.now(UTC))
+    exporter = GrpcExporter(settings, identity=identity, status=lambda: (0, "p"),
+                            log=get_logger("child"))
+    await exporter.start()
+    while not exporter.connected:  # so that the batches go out from memory, not the spool
+        await asyncio.sleep(0.01)
+    for index in range(count):
+        record = ConnectionRecord("192.0.2.7", 40000 + index, time.monotonic())
+        record.status, record.reply_code = "ok", 0
+        exporter.emit(record.finish(node_id="node-a", now_mono=time.monotonic()))
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_during_an_outage_loses_nothing_sent(tmp_path: Path) -> None:
+    """Batches sent but not yet answered are held in memory; once the stream breaks they
+    go to the spool, so a node killed (SIGKILL) during the outage loses none of them: the
+    next start delivers them. Before, they stayed in memory only, and were lost."""
+    import signal
+    import subprocess
+    import sys
+
+    count = 300  # 6 batches: all in flight at once (the window is 8)
+    collector = FakeCollector()
+    collector.hold.clear()  # the collector takes the batches and never answers
+    server, port = await _start_collector(collector)
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(port), str(tmp_path / "spool"),
+                              str(count)], cwd=root, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        # The collector reads the first batch and waits; the child sends the other five
+        # meanwhile (gRPC buffers them), and keeps all six in flight.
+        await _until(lambda: collector.batches_seen >= 1, timeout=30)
+        await asyncio.sleep(1.0)
+        await server.stop(None)  # the outage: the stream breaks with 6 batches unanswered
+        spool = tmp_path / "spool"
+
+        def spooled() -> int:
+            return sum(p.stat().st_size for p in spool.glob("*.seg"))
+
+        await _until(lambda: spooled() > count * 20, timeout=30)
+        await asyncio.sleep(0.5)  # let the last batch's write finish
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert not collector.committed
+    collector = FakeCollector()
+    server, port = await _start_collector(collector)
+    try:
+        second = _exporter(tmp_path, port)
+        await second.start()
+        await _until(lambda: len(collector.committed) == count, timeout=20)
+        await second.close()
+    finally:
+        await server.stop(None)
