@@ -61,10 +61,12 @@ def destination(request: Request) -> Destination:
     except ValueError:
         pass
     else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-            # `fe80::1%eth0` names an interface of the proxy's host: not a destination.
-            raise ResolutionFailed("a scoped IPv6 address is not a destination")
-        return Destination(plain_ip(str(ip)), request.port, False)
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.scope_id is not None:
+                # `fe80::1%eth0` names an interface of the proxy's host: not a destination.
+                raise ResolutionFailed("a scoped IPv6 address is not a destination")
+            ip = ip.ipv4_mapped or ip  # already parsed: no need for plain_ip's text check
+        return Destination(str(ip), request.port, False)
     if not name.isascii():
         try:
             name = idna.encode(name, uts46=True).decode("ascii")

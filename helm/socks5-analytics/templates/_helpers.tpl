@@ -185,7 +185,7 @@ certificate (the Secret's ca.crt). */}}
 {{- end }}
 {{- end }}
 
-{{/* The TLS Secret's files for one side: `keys` are the Secret's keys it needs. */}}
+{{/* Where the TLS Secret's files appear, on either side. */}}
 {{- define "s5a.collectorTlsMount" -}}
 {{- if .Values.collector.tls.secretName }}
 - name: collector-tls
@@ -194,6 +194,8 @@ certificate (the Secret's ca.crt). */}}
 {{- end }}
 {{- end }}
 
+{{/* The TLS Secret as a volume for one side: `keys` are the Secret's keys it needs (the
+proxies never get the private key). */}}
 {{- define "s5a.collectorTlsVolume" -}}
 {{- if .ctx.Values.collector.tls.secretName }}
 - name: collector-tls
