@@ -362,6 +362,8 @@ SELECT count(*) FROM live
 PROGRESS_LOCK = 0x53_35_41_50
 LOCK_PROGRESS_FOR_INTERIMS = f"SELECT pg_advisory_xact_lock({PROGRESS_LOCK})"
 LOCK_PROGRESS_FOR_EVENTS = f"SELECT pg_advisory_xact_lock_shared({PROGRESS_LOCK})"
+# A batch of events alone takes its shared lock in the round trip that makes its stage.
+CREATE_STAGE_FOR_EVENTS = f"{CREATE_STAGE}; {LOCK_PROGRESS_FOR_EVENTS}"
 
 # One maintenance pass at a time across every collector (session-level, held by one pooled
 # connection for the pass; asyncpg's reset on release lets it go in any case): "S5AM".

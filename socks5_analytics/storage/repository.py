@@ -689,7 +689,7 @@ class Repository:
                             # after the copy, which needs no lock.
                             await connection.execute(
                                 _sql.CREATE_STAGE if good_interims
-                                else f"{_sql.CREATE_STAGE}; {_sql.LOCK_PROGRESS_FOR_EVENTS}")
+                                else _sql.CREATE_STAGE_FOR_EVENTS)
                             await connection.copy_records_to_table(
                                 _sql.STAGE_TABLE,
                                 records=map(_event_record, good_events),
